@@ -1,0 +1,1 @@
+"""cnn_arch: classic CNN architectures and fine-tuning them, in JAX/Flax."""

@@ -1,0 +1,61 @@
+"""Checkpoints through orbax's CheckpointManager, one layout for training runs and imported weights.
+
+A checkpoint directory (a run's `WORKDIR/checkpoints`, or what `cnn_arch.convert` writes) holds
+numbered steps, each with three items:
+  * `variables`: `{'params': ..., 'batch_stats': ...}`, what `init_from` fine-tunes from;
+  * `train`: optimizer state, step, RNG key and data position (runs only; absent after import);
+  * `meta`: JSON naming the model, its options and class count, so a mismatch fails early.
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed
+mid-save never leaves a step that `latest_step()` would pick up.
+"""
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+ITEMS = ('variables', 'train', 'meta')
+
+
+def manager(directory: str, *, keep: int | None = None, best_metric: str | None = None,
+            keep_best: int | None = None) -> ocp.CheckpointManager:
+  """A CheckpointManager keeping the last `keep` steps, plus the best `keep_best` by metric."""
+  best = best_metric is not None and keep_best
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=(keep_best if best else keep),
+      best_fn=(lambda m: m[best_metric]) if best else None, best_mode='max',
+      keep_checkpoints_without_metrics=True, create=True,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, options=options)
+
+
+def resolve(path: str) -> str:
+  """Accepts a run's workdir or a checkpoint directory; returns the checkpoint directory."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'No checkpoint at {path}: give finetune.init_from a run\'s workdir or a directory '
+        'written by `python -m cnn_arch.convert`.')
+  return path
+
+
+def save_pretrained(directory: str, variables: dict, meta: dict, step: int = 0):
+  """Writes `variables` and `meta` as one step of a checkpoint directory (used by convert)."""
+  with manager(directory) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+
+
+def load_pretrained(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]]:
+  """Restores `(variables, meta)` from the latest (or given) step of a checkpoint directory."""
+  directory = resolve(path)
+  with ocp.CheckpointManager(directory, item_names=ITEMS) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'{directory} holds no complete checkpoint step.')
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return dict(restored['variables']), dict(restored['meta'])
