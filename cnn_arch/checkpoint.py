@@ -59,3 +59,19 @@ def load_pretrained(path: str, step: int | None = None) -> tuple[dict, dict[str,
     restored = mngr.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   return dict(restored['variables']), dict(restored['meta'])
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, variables: dict, train: dict,
+               meta: dict, metrics: dict | None = None):
+  """Saves one training step: variables, optimizer state/step/RNG, and JSON metadata."""
+  mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train: Any):
+  """Restores `(variables, train, meta)` of `step` into the given abstract (sharded) trees."""
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(variables), train=ocp.args.StandardRestore(train),
+      meta=ocp.args.JsonRestore()))
+  return restored['variables'], restored['train'], restored['meta']

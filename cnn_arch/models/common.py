@@ -47,6 +47,11 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None
                  conv_general_dilated=conv_general_dilated, name=name)
 
 
+def dense(features: int, *, dtype: Any = jnp.float32, name: str | None = None) -> nn.Dense:
+  """A fully connected layer computing in `dtype` with float32 parameters."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
 def group_count(channels: int, groups: int = 32) -> int:
   """Wu & He (2018) use 32 groups; under a width multiplier use the largest divisor <= 32."""
   return math.gcd(channels, groups)
@@ -104,6 +109,51 @@ def adaptive_avg_pool(x, output_size: int):
             for i in range(output_size)]
     return jnp.concatenate(bins, axis=axis)
   return pool_axis(pool_axis(x, 1), 2)
+
+
+class ConvStack(nn.Module):
+  """Plain conv (+ norm) + ReLU layers, then an optional max pool: one AlexNet or VGG stage.
+
+  `layers` holds `(name, features, kernel, stride, padding)`; each norm is named after its conv
+  (`conv3` -> `bn3`). Convolutions keep their bias under BatchNorm, as torchvision's `vgg*_bn`.
+  """
+  layers: Sequence[tuple[str, int, int, int, int]]
+  pool: tuple[int, int] | None = (2, 2)
+  norm: str = 'none'
+  dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for name, features, kernel, stride, padding in self.layers:
+      x = conv(features, kernel, stride, padding, use_bias=True, dtype=self.dtype,
+               conv_general_dilated=self.conv_general_dilated, name=name)(x)
+      x = nn.relu(norm(self.norm, train=train, dtype=self.dtype,
+                       name=name.replace('conv', 'bn'))(x))
+    if self.pool:
+      x = max_pool(x, *self.pool)
+    return x
+
+
+class DenseStage(nn.Module):
+  """Flatten, then Dense + ReLU with dropout: one hidden fully connected stage (fc6, fc7).
+
+  torchvision's AlexNet drops out before the layer, VGG and the AlexNet paper after it.
+  """
+  features: int
+  layer: str
+  dropout: float = 0.5
+  dropout_first: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    x = x.reshape(x.shape[0], -1)  # NHWC order: importers permute torch's NCHW-flattened weights
+    if self.dropout_first:
+      x = drop(x)
+    x = nn.relu(dense(self.features, dtype=self.dtype, name=self.layer)(x))
+    return x if self.dropout_first else drop(x)
 
 
 def check_frozen(frozen: int, stage_names: Sequence[str]):

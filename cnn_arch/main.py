@@ -1,0 +1,55 @@
+"""Entry point: `python -m cnn_arch.main --config=configs/resnet.py [--workdir=DIR]`.
+
+Config values are overridden on the command line, e.g. `--config.finetune.freeze_depth=2`.
+Running the same command again resumes from the latest checkpoint in the workdir.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Where checkpoints and results go (default: runs/<config name>).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-host run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+flags.mark_flags_as_required(['config'])
+
+
+def _hide_accelerators_from_tensorflow():
+  # tf.data only needs the CPU; without this TensorFlow grabs GPU memory that JAX needs.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')
+
+
+def _maybe_distributed():
+  """Joins a multi-host run when flags or the cluster's environment (Slurm, Cloud TPU) say so."""
+  import jax
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif 'SLURM_NTASKS' in os.environ and int(os.environ['SLURM_NTASKS']) > 1:
+    jax.distributed.initialize()  # reads the Slurm environment
+  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()  # Cloud TPU pod slice
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _hide_accelerators_from_tensorflow()
+  _maybe_distributed()
+  from cnn_arch import train  # after distributed init: importing may touch the backend
+  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0]
+  workdir = _WORKDIR.value or os.path.join('runs', config_name)
+  results = train.train_and_evaluate(_CONFIG.value, workdir)
+  print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                 for k, v in results.items()))
+  print(f'Results, metrics and checkpoints are in {workdir}/')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,242 @@
+"""Training and fine-tuning: a data-parallel SPMD step over a device mesh, and the loop around it.
+
+The step is the pmap model written with the current API: `jax.shard_map` over a one-axis mesh
+of every device of every host runs one per-device program; gradients, BatchNorm statistics and
+metrics are averaged over the named batch axis `AXIS`. The same code serves 1 CPU, 8 GPUs and
+a multi-host pod. Fine-tuning follows the lecture: load a pretrained backbone, re-initialise the
+head when the class count differs, freeze the first k stages (`cnn_arch.freeze`).
+"""
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from cnn_arch import checkpoint, freeze, input_pipeline, models, optim, reporting
+from cnn_arch.train_setup import Setup, make_setup, load_init_from
+
+AXIS = 'batch'
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def cross_entropy(logits, labels, num_classes: int, smoothing: float):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _keep_frozen(new: dict, old: dict, frozen_keys: tuple) -> dict:
+  """Frozen subtrees come out of a step as the very same arrays, bit for bit."""
+  return {k: old[k] if k in frozen_keys else v for k, v in new.items()}
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen_keys: tuple,
+               num_classes: int, smoothing: float, skip_nonfinite: bool):
+  """One SGD step on this device's share of the batch; collectives average over `AXIS`."""
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updated = model.apply(variables, batch['image'], train=True, frozen=frozen,
+                                  mutable=['batch_stats'], rngs={'dropout': rng})
+    loss = cross_entropy(logits, batch['label'], num_classes, smoothing).mean()
+    return loss, (logits, updated.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads, batch_stats = lax.pmean((grads, batch_stats), AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = _keep_frozen(optax.apply_updates(state.params, updates), state.params, frozen_keys)
+  batch_stats = _keep_frozen(batch_stats, state.batch_stats, frozen_keys)
+  accuracy = (jnp.argmax(logits, -1) == batch['label']).mean()
+  metrics = lax.pmean({'loss': loss, 'accuracy': accuracy}, AXIS)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.tree.norm(grads))
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                      opt_state=opt_state)
+  if skip_nonfinite:  # keep the old parameters, but count the step so the data moves on
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    new = new.replace(step=state.step + 1)
+  return new, {**metrics, 'finite': finite}
+
+
+def eval_step(state: TrainState, batch: dict, *, model, num_classes: int):
+  """Sums of loss, top-1 and top-5 hits over the real (mask=1) examples of the global batch."""
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'], train=False).astype(jnp.float32)
+  mask = batch['mask'].astype(jnp.float32)
+  loss = cross_entropy(logits, batch['label'], num_classes, 0.0)
+  top5 = lax.top_k(logits, min(5, num_classes))[1] == batch['label'][:, None]
+  sums = {'loss': (loss * mask).sum(), 'count': mask.sum(),
+          'top1': ((jnp.argmax(logits, -1) == batch['label']) * mask).sum(),
+          'top5': (top5.any(-1) * mask).sum()}
+  return lax.psum(sums, AXIS)
+
+
+def data_parallel(step_fn, mesh, *, donate: bool):
+  """jit(shard_map(step)): replicated state, batch split over `AXIS`, replicated outputs."""
+  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+  return jax.jit(sharded, donate_argnums=(0,) if donate else ())
+
+
+def to_global(tree, sharding):
+  """Host-local numpy (this host's rows, or the full value if replicated) to global arrays."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      tree)
+
+
+def _state(s: Setup, variables: dict, rng) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=s.tx.init(params),
+                    rng=rng)
+
+
+def init_state(s: Setup, config: ConfigDict) -> TrainState:
+  """Fresh (or `init_from`-loaded) variables, and optimizer state for the trainable leaves."""
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = models.init_variables(s.model, s.image_size, init_rng)
+  if config.finetune.init_from:
+    variables = load_init_from(s, config.finetune.init_from, variables)
+  return _state(s, variables, state_rng)
+
+
+def abstract_state(s: Setup) -> TrainState:
+  """Shapes and dtypes of the train state, replicated over the mesh, without computing it."""
+  def build():
+    rng = jax.random.PRNGKey(0)
+    x = jnp.zeros((1, s.image_size, s.image_size, 3))
+    return _state(s, s.model.init({'params': rng, 'dropout': rng}, x, train=False), rng)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s.replicated),
+                      jax.eval_shape(build))
+
+
+def evaluate(s: Setup, eval_fn, state: TrainState, config: ConfigDict) -> dict:
+  """Top-1/top-5/loss over every example of the evaluation split, each seen exactly once."""
+  totals = None
+  for batch in input_pipeline.eval_batches(config.data,
+                                           global_batch_size=config.train.eval_batch_size):
+    sums = eval_fn(state, to_global(batch, s.batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  n = max(float(totals['count']), 1.0)
+  result = {'loss': float(totals['loss']) / n, 'top1': float(totals['top1']) / n}
+  if s.info.num_classes >= 5:
+    result['top5'] = float(totals['top5']) / n
+  return result
+
+
+def _check_labels(batch: dict, num_classes: int, step: int):
+  labels = np.asarray(batch['label'])
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(
+        f'Batch at step {step} has labels in [{labels.min()}, {labels.max()}] but the model has '
+        f'{num_classes} classes; set model.num_classes to 0 (use the dataset\'s) or fix '
+        'data.classes.')
+
+
+
+def _split(state: TrainState) -> tuple[dict, dict]:
+  return ({'params': state.params, 'batch_stats': state.batch_stats},
+          {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng})
+
+
+def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
+  """The latest complete checkpoint of this workdir if there is one, else a fresh state."""
+  step = mngr.latest_step()
+  if step is None:
+    return jax.device_put(init_state(s, config), s.replicated)
+  variables, train, _ = checkpoint.restore_state(mngr, step, *_split(abstract_state(s)))
+  return TrainState(**variables, **train)
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results."""
+  s = make_setup(config)
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
+  best = (checkpoint.manager(os.path.join(workdir, 'best'), best_metric='top1', keep_best=1)
+          if config.checkpoint.keep_best else None)
+  state = restore_or_init(s, config, mngr)
+  start = int(state.step)
+  step_fn = data_parallel(functools.partial(
+      train_step, model=s.model, tx=s.tx, frozen=config.finetune.freeze_depth,
+      frozen_keys=s.frozen_keys, num_classes=s.model_meta['num_classes'],
+      smoothing=config.optim.label_smoothing,
+      skip_nonfinite=config.train.on_nonfinite == 'skip'), s.mesh, donate=True)
+  eval_fn = data_parallel(functools.partial(
+      eval_step, model=s.model, num_classes=s.model_meta['num_classes']), s.mesh, donate=False)
+  eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
+  reporter = reporting.Reporter(workdir, s.total_steps, start)
+  batches = input_pipeline.train_batches(config.data, global_batch_size=config.train.batch_size,
+                                         seed=config.seed, start_step=start)
+  pending, eval_metrics, t0 = [], None, time.perf_counter()
+  for step in range(start + 1, s.total_steps + 1):
+    batch = next(batches)
+    _check_labels(batch, s.model_meta['num_classes'], step)
+    state, metrics = step_fn(state, to_global(batch, s.batch_sharding))
+    pending.append((step, metrics))
+    last = step == s.total_steps
+    if step % config.train.log_every_steps == 0 or step % config.checkpoint.every_steps == 0 \
+        or last:
+      _log_train(reporter, pending, config)  # also stops on a non-finite step before a save
+      pending = []
+    if step % eval_every == 0 or last:
+      eval_metrics = evaluate(s, eval_fn, state, config)
+      reporter.write('eval', step, eval_metrics)
+      if best is not None:
+        checkpoint.save_state(best, step, *_split(state), {**s.model_meta, 'step': step},
+                              metrics=eval_metrics)
+    if step % config.checkpoint.every_steps == 0 or last:
+      checkpoint.save_state(mngr, step, *_split(state),
+                            {**s.model_meta, 'step': step, 'data_position': step})
+    reporter.advance(step)
+  mngr.wait_until_finished()
+  if eval_metrics is None:  # resumed after the last step: evaluate the restored state
+    eval_metrics = evaluate(s, eval_fn, state, config)
+  reporter.close()
+  results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
+  reporting.write_results(workdir, results)
+  return results
+
+
+def _log_train(reporter, pending: list, config: ConfigDict):
+  """Averages the step metrics since the last log: one host sync per log, not per step."""
+  values = jax.device_get([m for _, m in pending])
+  bad = [st for (st, _), v in zip(pending, values) if not v['finite']]
+  if bad and config.train.on_nonfinite == 'stop':
+    raise FloatingPointError(
+        f'Non-finite loss or gradient at step {bad[0]}; stopped without saving it, so the last '
+        'good checkpoint is kept. Lower optim.learning_rate, set optim.grad_clip, or set '
+        'train.on_nonfinite=skip.')
+  mean = {k: float(np.mean([v[k] for v in values])) for k in ('loss', 'accuracy')}
+  step = pending[-1][0]
+  reporter.write('train', step, {**mean, 'skipped': len(bad),
+                                 'images_per_sec': reporter.throughput(
+                                     step, config.train.batch_size)})
+
+
+def _results(s: Setup, config, state, eval_metrics: dict, start: int, seconds: float) -> dict:
+  counts = {label: 0 for label in freeze.LABELS}
+  for label, p in zip(jax.tree.leaves(s.param_labels), jax.tree.leaves(state.params)):
+    counts[label] += int(np.prod(p.shape))
+  steps_run = s.total_steps - start
+  return {'model': config.model.name, 'dataset': config.data.name, **eval_metrics,
+          'steps': s.total_steps, 'epochs': config.train.num_epochs,
+          'examples_per_sec': steps_run * config.train.batch_size / max(seconds, 1e-9),
+          'trainable_params': counts['backbone'] + counts['head'],
+          'frozen_params': counts['frozen'], 'freeze_depth': config.finetune.freeze_depth,
+          'devices': jax.device_count(), 'wall_seconds': seconds}

@@ -1,0 +1,137 @@
+"""Everything a run decides before compiling: model, dataset view, mesh, freezing, optimizer.
+
+Each check here is cheap and runs before the first compile, so a bad config fails in seconds
+with a message naming the problem and the fix.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from cnn_arch import checkpoint, freeze, input_pipeline, models, optim
+from cnn_arch.config import DTYPES
+
+AXIS = 'batch'
+
+
+@dataclasses.dataclass
+class Setup:
+  model: Any
+  model_meta: dict  # what a checkpoint records to identify the architecture
+  info: Any  # input_pipeline.DatasetInfo
+  image_size: int
+  mesh: Any
+  batch_sharding: Any
+  replicated: Any
+  stage_names: tuple
+  frozen_keys: tuple
+  param_labels: Any
+  tx: Any
+  steps_per_epoch: int
+  total_steps: int
+
+
+def build_model(config: ConfigDict, num_classes: int):
+  """The registered model with the config's options and compute dtype."""
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f'model.dtype {config.model.dtype!r} is not one of {DTYPES}.')
+  options = dict(config.model.options)
+  if config.model.dtype != 'float32':
+    options['dtype'] = jnp.dtype(config.model.dtype)
+  return models.get_model(config.model.name, num_classes=num_classes, **options)
+
+
+def check_batch(batch_size: int, what: str):
+  n, hosts = jax.device_count(), jax.process_count()
+  if batch_size % n or batch_size % hosts:
+    raise ValueError(
+        f'{what} {batch_size} does not divide over {n} devices on {hosts} host(s); use a '
+        f'multiple of {n} (e.g. {max(n, batch_size // n * n) or n}).')
+
+
+def make_setup(config: ConfigDict) -> Setup:
+  """Validates `config` against the model and data, and builds the static pieces of a run."""
+  info = input_pipeline.get_info(config.data)
+  num_classes = config.model.num_classes or info.num_classes
+  if num_classes < info.num_classes:
+    raise ValueError(f'model.num_classes={num_classes} but the dataset view has '
+                     f'{info.num_classes} classes; set model.num_classes to 0 to follow it.')
+  model = build_model(config, num_classes)
+  stage_names = tuple(model.stage_names)
+  frozen_keys = freeze.frozen_stages(stage_names, config.finetune.freeze_depth)
+  for name, value in (('train.batch_size', config.train.batch_size),
+                      ('train.eval_batch_size', config.train.eval_batch_size)):
+    check_batch(value, name)
+  steps_per_epoch = input_pipeline.steps_per_epoch(info, config.train.batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(f'train.batch_size {config.train.batch_size} is larger than the '
+                     f'{info.num_train} training examples; lower it.')
+  total_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
+  image_size = info.image_size
+  param_shapes = jax.eval_shape(
+      lambda: model.init({'params': jax.random.PRNGKey(0)},
+                         jnp.zeros((1, image_size, image_size, 3)), train=False))['params']
+  param_labels = freeze.labels(dict(param_shapes), stage_names, config.finetune.freeze_depth,
+                               getattr(model, 'attached_heads', None))
+  tx = optim.make(config.optim, param_labels, steps_per_epoch, total_steps)
+  mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+  return Setup(model=model, model_meta=dict(model=config.model.name,
+                                            options=_plain(config.model.options.to_dict()),
+                                            num_classes=num_classes),
+               info=info, image_size=image_size, mesh=mesh,
+               batch_sharding=NamedSharding(mesh, P(AXIS)), replicated=NamedSharding(mesh, P()),
+               stage_names=stage_names, frozen_keys=frozen_keys, param_labels=param_labels,
+               tx=tx, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def _plain(options: dict) -> dict:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def load_init_from(s: Setup, path: str, fresh: dict) -> dict:
+  """`fresh` variables with every stage but a resized head replaced by the checkpoint's.
+
+  The lecture's recipe: keep the pretrained backbone, "remove and replace [the last layer] with
+  another randomly initialized layer" when the number of classes changes.
+  """
+  loaded, meta = checkpoint.load_pretrained(path)
+  name = s.model_meta['model']
+  if meta.get('model') != name:
+    raise ValueError(f'finetune.init_from={path} holds a {meta.get("model")!r} network but '
+                     f'model.name is {name!r}; set model.name={meta.get("model")} or point '
+                     'init_from at a checkpoint of this architecture.')
+  out = {}
+  for collection, tree in fresh.items():
+    source = loaded.get(collection, {})
+    out[collection] = {}
+    for key, sub in tree.items():
+      if key not in source:
+        raise ValueError(f'finetune.init_from={path} has no {collection}/{key}; it was '
+                         f'written for options {meta.get("options")}, the config has '
+                         f'{s.model_meta["options"]}.')
+      is_head = key not in s.stage_names[:-1]  # the classifier and any auxiliary heads
+      if is_head and meta.get('num_classes') != s.model_meta['num_classes']:
+        out[collection][key] = sub  # re-initialised for the new class count
+        continue
+      mismatch = _mismatches(source[key], sub, f'{collection}/{key}')
+      if mismatch:
+        raise ValueError(f'finetune.init_from={path} does not fit model {name} with options '
+                         f'{s.model_meta["options"]} (checkpoint options {meta.get("options")}):'
+                         f' ' + '; '.join(mismatch[:5]) + f' ({len(mismatch)} in all).')
+      out[collection][key] = jax.tree.map(jnp.asarray, source[key])
+  return out
+
+
+def _mismatches(source, target, prefix: str) -> list:
+  """Paths whose presence or shape differ between two variable trees."""
+  flat_s = {jax.tree_util.keystr(k): v.shape for k, v in
+            jax.tree_util.tree_flatten_with_path(source)[0]}
+  flat_t = {jax.tree_util.keystr(k): v.shape for k, v in
+            jax.tree_util.tree_flatten_with_path(target)[0]}
+  out = [f'{prefix}{k}: checkpoint {flat_s.get(k, "missing")} vs model {flat_t.get(k, "missing")}'
+         for k in sorted(set(flat_s) | set(flat_t)) if flat_s.get(k) != flat_t.get(k)]
+  return out
