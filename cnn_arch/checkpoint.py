@@ -9,6 +9,7 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 mid-save never leaves a step that `latest_step()` would pick up.
 """
 
+import logging
 import os
 from typing import Any
 
@@ -75,3 +76,19 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train:
       variables=ocp.args.StandardRestore(variables), train=ocp.args.StandardRestore(train),
       meta=ocp.args.JsonRestore()))
   return restored['variables'], restored['train'], restored['meta']
+
+
+def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any):
+  """`(step, variables, train)` of the newest readable step, or None if there is none.
+
+  A step that fails to read (a disk error, a file deleted by hand) is reported and skipped for
+  the one before it; nothing is deleted, so the damaged step stays there for inspection.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored_variables, restored_train, _ = restore_state(mngr, step, variables, train)
+      return step, restored_variables, restored_train
+    except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...)
+      logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); trying the one '
+                      'before it.', step, mngr.directory, type(e).__name__, e)
+  return None

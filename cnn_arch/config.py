@@ -52,6 +52,7 @@ def base() -> ConfigDict:
   c.optim.step_epochs = (30, 60, 80)  # Only for schedule='step'.
   c.optim.step_factor = 0.1
   c.optim.label_smoothing = 0.0
+  c.optim.aux_loss_weight = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2015).
   c.optim.backbone_lr_mult = 1.0  # < 1: unfrozen backbone stages learn slower than the head.
   c.optim.grad_clip = 0.0  # 0: off.
 

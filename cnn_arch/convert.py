@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--option', type=parse_option, action='append', default=[],
                       metavar='KEY=VALUE', help='a further model option, e.g. width=0.5')
   args = parser.parse_args(argv)
-  _, variables, meta = weights.convert_torchvision(
-      args.arch, args.src, num_classes=args.num_classes, **dict(args.option))
+  try:
+    _, variables, meta = weights.convert_torchvision(
+        args.arch, args.src, num_classes=args.num_classes, **dict(args.option))
+  except (ImportError, OSError, ValueError) as e:  # a bad source or option: say why, no trace
+    parser.exit(2, f'{parser.prog}: error: {e}\n')
   meta['file'] = os.path.basename(args.src)
   checkpoint.save_pretrained(args.out, variables, meta)
   print(f'Wrote {args.out}: {json.dumps(meta)}')

@@ -13,6 +13,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.'
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Where checkpoints and results go (default: runs/<config name>).')
+_ON_CHANGE = flags.DEFINE_enum(
+    'on_config_change', 'refuse', ['refuse', 'resume', 'restart'],
+    'When WORKDIR holds a run of another config: refuse, resume its checkpoints under the new '
+    'config, or restart (the old run is moved to WORKDIR/previous-*).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for a multi-host run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
@@ -45,7 +49,7 @@ def main(argv):
   from cnn_arch import train  # after distributed init: importing may touch the backend
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0]
   workdir = _WORKDIR.value or os.path.join('runs', config_name)
-  results = train.train_and_evaluate(_CONFIG.value, workdir)
+  results = train.train_and_evaluate(_CONFIG.value, workdir, _ON_CHANGE.value)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in results.items()))
   print(f'Results, metrics and checkpoints are in {workdir}/')

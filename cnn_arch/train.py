@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, freeze, input_pipeline, models, optim, reporting
+from cnn_arch import checkpoint, freeze, input_pipeline, models, reporting, rundir
 from cnn_arch.train_setup import Setup, make_setup, load_init_from
 
 AXIS = 'batch'
@@ -46,24 +46,29 @@ def _keep_frozen(new: dict, old: dict, frozen_keys: tuple) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen_keys: tuple,
-               num_classes: int, smoothing: float, skip_nonfinite: bool):
+               num_classes: int, smoothing: float, aux_weight: float, skip_nonfinite: bool):
   """One SGD step on this device's share of the batch; collectives average over `AXIS`."""
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updated = model.apply(variables, batch['image'], train=True, frozen=frozen,
-                                  mutable=['batch_stats'], rngs={'dropout': rng})
-    loss = cross_entropy(logits, batch['label'], num_classes, smoothing).mean()
+    out, updated = model.apply(variables, batch['image'], train=True, frozen=frozen,
+                               mutable=['batch_stats'], rngs={'dropout': rng})
+    logits, aux = out if isinstance(out, tuple) else (out, ())  # GoogLeNet's auxiliary heads
+    # The global batch's mean loss. The parameters are replicated (invariant over AXIS), so
+    # shard_map's transpose sums their per-device cotangents: differentiating this mean
+    # averages the gradients over the batch axis, as pmap's explicit pmean(grads) did.
+    ce = lambda z: cross_entropy(z, batch['label'], num_classes, smoothing).mean()
+    loss = lax.pmean(ce(logits) + aux_weight * sum(ce(a) for a in aux), AXIS)
     return loss, (logits, updated.get('batch_stats', {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads, batch_stats = lax.pmean((grads, batch_stats), AXIS)
+  batch_stats = lax.pmean(batch_stats, AXIS)  # already equal under sync BN; makes it invariant
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = _keep_frozen(optax.apply_updates(state.params, updates), state.params, frozen_keys)
   batch_stats = _keep_frozen(batch_stats, state.batch_stats, frozen_keys)
   accuracy = (jnp.argmax(logits, -1) == batch['label']).mean()
-  metrics = lax.pmean({'loss': loss, 'accuracy': accuracy}, AXIS)
+  metrics = {'loss': loss, 'accuracy': lax.pmean(accuracy, AXIS)}
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.tree.norm(grads))
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       opt_state=opt_state)
@@ -139,6 +144,19 @@ def evaluate(s: Setup, eval_fn, state: TrainState, config: ConfigDict) -> dict:
   return result
 
 
+def parallel_steps(s: Setup, config: ConfigDict, *, donate: bool = True):
+  """The data-parallel train and eval steps of this setup, with their static options bound."""
+  num_classes = s.model_meta['num_classes']
+  step_fn = data_parallel(functools.partial(
+      train_step, model=s.model, tx=s.tx, frozen=config.finetune.freeze_depth,
+      frozen_keys=s.frozen_keys, num_classes=num_classes, smoothing=config.optim.label_smoothing,
+      aux_weight=config.optim.aux_loss_weight,
+      skip_nonfinite=config.train.on_nonfinite == 'skip'), s.mesh, donate=donate)
+  eval_fn = data_parallel(functools.partial(eval_step, model=s.model, num_classes=num_classes),
+                          s.mesh, donate=False)
+  return step_fn, eval_fn
+
+
 def _check_labels(batch: dict, num_classes: int, step: int):
   labels = np.asarray(batch['label'])
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -156,43 +174,55 @@ def _split(state: TrainState) -> tuple[dict, dict]:
 
 def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
   """The latest complete checkpoint of this workdir if there is one, else a fresh state."""
-  step = mngr.latest_step()
-  if step is None:
+  restored = checkpoint.restore_latest(mngr, *_split(abstract_state(s)))
+  if restored is None:
     return jax.device_put(init_state(s, config), s.replicated)
-  variables, train, _ = checkpoint.restore_state(mngr, step, *_split(abstract_state(s)))
+  _, variables, train = restored
   return TrainState(**variables, **train)
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results."""
+def train_and_evaluate(config: ConfigDict, workdir: str, on_config_change: str = 'refuse'):
+  """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.
+
+  Returns the results dict; `results['preempted']` is True when SIGTERM stopped the run after
+  saving a checkpoint at a step boundary (running the same command again resumes from it).
+  """
   s = make_setup(config)
-  os.makedirs(workdir, exist_ok=True)
+  rundir.claim(workdir, config, on_config_change)
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
   best = (checkpoint.manager(os.path.join(workdir, 'best'), best_metric='top1', keep_best=1)
           if config.checkpoint.keep_best else None)
   state = restore_or_init(s, config, mngr)
   start = int(state.step)
-  step_fn = data_parallel(functools.partial(
-      train_step, model=s.model, tx=s.tx, frozen=config.finetune.freeze_depth,
-      frozen_keys=s.frozen_keys, num_classes=s.model_meta['num_classes'],
-      smoothing=config.optim.label_smoothing,
-      skip_nonfinite=config.train.on_nonfinite == 'skip'), s.mesh, donate=True)
-  eval_fn = data_parallel(functools.partial(
-      eval_step, model=s.model, num_classes=s.model_meta['num_classes']), s.mesh, donate=False)
-  eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
   reporter = reporting.Reporter(workdir, s.total_steps, start)
+  t0 = time.perf_counter()
+  with rundir.Preemption() as preemption:
+    state, eval_metrics = _loop(s, config, state, mngr, best, reporter, preemption)
+  mngr.wait_until_finished()
+  reporter.close()
+  results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
+  results['preempted'] = preemption.requested
+  reporting.write_results(workdir, results)
+  return results
+
+
+def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter, preemption):
+  """The step loop: log, evaluate and checkpoint on schedule; stop at a step on SIGTERM."""
+  step_fn, eval_fn = parallel_steps(s, config)
+  eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
+  start = int(state.step)
   batches = input_pipeline.train_batches(config.data, global_batch_size=config.train.batch_size,
                                          seed=config.seed, start_step=start)
-  pending, eval_metrics, t0 = [], None, time.perf_counter()
+  pending, eval_metrics = [], None
   for step in range(start + 1, s.total_steps + 1):
     batch = next(batches)
     _check_labels(batch, s.model_meta['num_classes'], step)
     state, metrics = step_fn(state, to_global(batch, s.batch_sharding))
     pending.append((step, metrics))
-    last = step == s.total_steps
-    if step % config.train.log_every_steps == 0 or step % config.checkpoint.every_steps == 0 \
-        or last:
-      _log_train(reporter, pending, config)  # also stops on a non-finite step before a save
+    last, stop = step == s.total_steps, preemption.requested
+    save = step % config.checkpoint.every_steps == 0 or last or stop
+    if step % config.train.log_every_steps == 0 or save:
+      _log_train(reporter, pending, config)  # raises on a non-finite step, before any save
       pending = []
     if step % eval_every == 0 or last:
       eval_metrics = evaluate(s, eval_fn, state, config)
@@ -200,17 +230,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
       if best is not None:
         checkpoint.save_state(best, step, *_split(state), {**s.model_meta, 'step': step},
                               metrics=eval_metrics)
-    if step % config.checkpoint.every_steps == 0 or last:
+    if save:
       checkpoint.save_state(mngr, step, *_split(state),
                             {**s.model_meta, 'step': step, 'data_position': step})
     reporter.advance(step)
-  mngr.wait_until_finished()
-  if eval_metrics is None:  # resumed after the last step: evaluate the restored state
+    if stop:
+      reporter.write('preempted', step, {})
+      break
+  if eval_metrics is None:  # resumed after the last step, or preempted before an evaluation
     eval_metrics = evaluate(s, eval_fn, state, config)
-  reporter.close()
-  results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
-  reporting.write_results(workdir, results)
-  return results
+  return state, eval_metrics
 
 
 def _log_train(reporter, pending: list, config: ConfigDict):

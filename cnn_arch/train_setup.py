@@ -40,6 +40,7 @@ def build_model(config: ConfigDict, num_classes: int):
   if config.model.dtype not in DTYPES:
     raise ValueError(f'model.dtype {config.model.dtype!r} is not one of {DTYPES}.')
   options = dict(config.model.options)
+  options['bn_axis_name'] = AXIS  # BatchNorm statistics of the global batch, on any device count
   if config.model.dtype != 'float32':
     options['dtype'] = jnp.dtype(config.model.dtype)
   return models.get_model(config.model.name, num_classes=num_classes, **options)

@@ -143,3 +143,28 @@ def test_default_dispatch_uses_fast_op_only_on_cpu():
   fn = _conv(ops_conv.default_conv_general_dilated, 1, ((1, 1), (1, 1)), 1)
   jaxpr = str(jax.make_jaxpr(fn)(x, kernel))
   assert ('custom_vjp' in jaxpr) == (jax.default_backend() == 'cpu')
+
+
+def test_benchmark_smoke_and_frozen_step_moves_only_the_head(tmp_path):
+  """experiments/benchmark.py end to end on a tiny ResNet-18, and its frozen-prefix step."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parents[1] / 'experiments' / 'benchmark.py'
+  spec = importlib.util.spec_from_file_location('benchmark', path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / 'bench.jsonl'
+  args = bench.parse_args(['--cifar_stem', '--width=0.125', '--batch=2', '--image_size=8',
+                           '--freeze_depth=5', '--conv=xla', f'--out={out}'])
+  s = bench.setup_jax(args)
+  bench.emit(s['info'], str(out))
+  line = json.loads(out.read_text())
+  assert (line['conv'], line['frozen'], line['batch']) == ('xla', 5, 2)
+  assert line['macs_per_image'] > 0
+  step, (params, *rest) = s['train']
+  new_params = step(params, *rest)[0]
+  changed = {k for k in params
+             if any(np.any(a != b) for a, b in zip(jax.tree.leaves(params[k]),
+                                                   jax.tree.leaves(new_params[k])))}
+  assert changed == {'head'}

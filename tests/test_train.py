@@ -39,11 +39,7 @@ def run_steps(c: ConfigDict, n: int):
   s = make_setup(c)
   state = jax.device_put(train.init_state(s, c), s.replicated)
   initial = jax.device_get(state)
-  step = train.data_parallel(
-      lambda st, b: train.train_step(st, b, model=s.model, tx=s.tx,
-                                     frozen=c.finetune.freeze_depth, frozen_keys=s.frozen_keys,
-                                     num_classes=s.model_meta['num_classes'], smoothing=0.0,
-                                     skip_nonfinite=False), s.mesh, donate=False)
+  step, _ = train.parallel_steps(s, c, donate=False)
   batches = train.input_pipeline.train_batches(c.data, global_batch_size=c.train.batch_size,
                                                seed=c.seed)
   for _ in range(n):

@@ -49,6 +49,7 @@ class AlexNet(nn.Module):
   num_classes: int = 1000
   layout: str = 'paper'
   norm: str = 'none'
+  bn_axis_name: str | None = None
   cifar_stem: bool = False
   width: float = 1.0
   dropout: float = 0.5
@@ -89,7 +90,7 @@ class AlexNet(nn.Module):
     pooled = i in _POOLED and not (i == 0 and self.cifar_stem)
     layer = (f'conv{i + 1}', common.scaled(features, self.width), kernel, stride, padding)
     return common.ConvStack((layer,), pool=(3, 2) if pooled else None, norm=self.norm,
-                            dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
+                            bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
                             name=name)
 
   def _before_fc6(self, fc6: Callable) -> Callable:

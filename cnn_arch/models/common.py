@@ -58,11 +58,17 @@ def group_count(channels: int, groups: int = 32) -> int:
 
 
 def norm(kind: str, *, train: bool, epsilon: float = 1e-5, dtype: Any = jnp.float32,
-         scale_init: Callable = nn.initializers.ones, name: str | None = None) -> Callable:
-  """Normalisation layer factory: 'batch' (PyTorch momentum 0.1 == Flax 0.9), 'group', 'none'."""
+         scale_init: Callable = nn.initializers.ones, axis_name: str | None = None,
+         name: str | None = None) -> Callable:
+  """Normalisation layer factory: 'batch' (PyTorch momentum 0.1 == Flax 0.9), 'group', 'none'.
+
+  `axis_name` makes BatchNorm average its batch statistics over that mapped axis (the trainer's
+  data-parallel axis), so a step gives the same result on 1 device or many.
+  """
   if kind == 'batch':
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                        dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name)
+                        dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init,
+                        axis_name=axis_name if train else None, name=name)
   if kind == 'group':
     return _GroupNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
   if kind == 'none':
@@ -120,6 +126,7 @@ class ConvStack(nn.Module):
   layers: Sequence[tuple[str, int, int, int, int]]
   pool: tuple[int, int] | None = (2, 2)
   norm: str = 'none'
+  bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_general_dilated: Callable | None = None
 
@@ -128,7 +135,7 @@ class ConvStack(nn.Module):
     for name, features, kernel, stride, padding in self.layers:
       x = conv(features, kernel, stride, padding, use_bias=True, dtype=self.dtype,
                conv_general_dilated=self.conv_general_dilated, name=name)(x)
-      x = nn.relu(norm(self.norm, train=train, dtype=self.dtype,
+      x = nn.relu(norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
                        name=name.replace('conv', 'bn'))(x))
     if self.pool:
       x = max_pool(x, *self.pool)

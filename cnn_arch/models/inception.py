@@ -13,8 +13,8 @@ Auxiliary classifiers (`aux_logits=True`, torchvision's InceptionAux: adaptive 4
 ('aux2'), both inside stage2, and are frozen together with stage2: they run only in train mode
 while stage2 is trainable (`frozen <= 2`). Then the logits slot of the return value is the pair
 `(logits, (aux1_logits, aux2_logits))`, each [N, num_classes] float32; with stage2 frozen it is
-`(logits, ())` and the aux parameters get no gradient (`AUX_STAGE` names their stage for
-freezing masks). In eval mode the model returns plain logits, as torchvision does. Their
+`(logits, ())` and the aux parameters get no gradient (the `attached_heads` property maps
+'aux1' and 'aux2' to `AUX_STAGE` for freezing masks). In eval mode the model returns plain logits, as torchvision does. Their
 parameters always exist (they are created at init), as top-level 'aux1' and 'aux2'.
 
 Options: `norm` ('batch' default, 'group', 'none' -- convs then get a bias), `cifar_stem` (conv1
@@ -57,6 +57,7 @@ class BasicConv(nn.Module):
   kernel: int
   stride: int = 1
   norm: str = 'batch'
+  bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_general_dilated: Callable | None = None
 
@@ -66,6 +67,7 @@ class BasicConv(nn.Module):
                     dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
                     name='conv')(x)
     return nn.relu(common.norm(self.norm, train=train, epsilon=1e-3, dtype=self.dtype,
+                               axis_name=self.bn_axis_name,
                                name='bn')(x))
 
 
@@ -130,16 +132,16 @@ class InceptionAux(nn.Module):
   conv: Callable
   width: float
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = self.conv(common.scaled(128, self.width), 1, name='conv')(
         common.adaptive_avg_pool(x, 4), train)
-    dtype = self.conv.keywords['dtype']
-    x = nn.relu(common.dense(common.scaled(1024, self.width), dtype=dtype, name='fc1')(
+    x = nn.relu(common.dense(common.scaled(1024, self.width), dtype=self.dtype, name='fc1')(
         x.reshape(x.shape[0], -1)))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return common.dense(self.num_classes, dtype=dtype, name='fc2')(x).astype(jnp.float32)
+    return common.dense(self.num_classes, dtype=self.dtype, name='fc2')(x).astype(jnp.float32)
 
 
 class GoogLeNet(nn.Module):
@@ -150,6 +152,7 @@ class GoogLeNet(nn.Module):
   naive: bool = False
   kernel_5x5: int = 3
   norm: str = 'batch'
+  bn_axis_name: str | None = None
   cifar_stem: bool = False
   width: float = 1.0
   dropout: float = 0.2
@@ -162,6 +165,11 @@ class GoogLeNet(nn.Module):
     return ('stem', 'stage1', 'stage2', 'stage3', common.HEAD)
 
   @property
+  def attached_heads(self) -> dict[str, str]:
+    """Top-level parameter keys outside `stage_names`, mapped to the stage they freeze with."""
+    return {name: AUX_STAGE for name in _AUX_TAPS} if self.aux_logits else {}
+
+  @property
   def min_size(self) -> int:
     return 4 if self.cifar_stem else 32
 
@@ -170,7 +178,8 @@ class GoogLeNet(nn.Module):
     common.check_input(x, self.min_size, 'GoogLeNet')
     if self.transform_input:
       x = x * (jnp.array(_STD) / 0.5) + (jnp.array(_MEAN) - 0.5) / 0.5
-    conv = functools.partial(BasicConv, norm=self.norm, dtype=self.dtype,
+    conv = functools.partial(BasicConv, norm=self.norm, bn_axis_name=self.bn_axis_name,
+                             dtype=self.dtype,
                              conv_general_dilated=self.conv_general_dilated)
     inception = functools.partial(Inception, conv=conv, naive=self.naive,
                                   kernel_5x5=self.kernel_5x5)
@@ -202,6 +211,7 @@ class GoogLeNet(nn.Module):
     trainable = train and frozen <= self.stage_names.index(AUX_STAGE)
     if not (trainable or self.is_initializing()):
       return () if train else None
-    heads = tuple(InceptionAux(self.num_classes, conv, self.width, self.aux_dropout, name=name)(
-        taps[tap], trainable) for name, tap in _AUX_TAPS.items())
+    heads = tuple(InceptionAux(self.num_classes, conv, self.width, self.aux_dropout, self.dtype,
+                               name=name)(taps[tap], trainable)
+                  for name, tap in _AUX_TAPS.items())
     return (heads if trainable else ()) if train else None

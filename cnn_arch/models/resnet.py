@@ -34,6 +34,7 @@ class _Block(nn.Module):
   stride: int = 1
   groups: int = 1
   norm: str = 'batch'
+  bn_axis_name: str | None = None
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
   conv_general_dilated: Callable | None = None
@@ -45,7 +46,8 @@ class _Block(nn.Module):
 
   def bn(self, train, *, name, last=False):
     init = nn.initializers.zeros if last and self.zero_init_residual else nn.initializers.ones
-    return common.norm(self.norm, train=train, dtype=self.dtype, scale_init=init, name=name)
+    return common.norm(self.norm, train=train, dtype=self.dtype, scale_init=init,
+                       axis_name=self.bn_axis_name, name=name)
 
   def shortcut(self, x, train):
     if x.shape[-1] == self.out and self.stride == 1:
@@ -95,6 +97,7 @@ class _Stem(nn.Module):
   features: int
   cifar: bool
   norm: str
+  bn_axis_name: str | None
   dtype: Any
   conv_general_dilated: Callable | None
 
@@ -104,7 +107,8 @@ class _Stem(nn.Module):
     x = common.conv(self.features, kernel, stride, use_bias=self.norm == 'none',
                     dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
                     name='conv1')(x)
-    x = nn.relu(common.norm(self.norm, train=train, dtype=self.dtype, name='bn1')(x))
+    x = nn.relu(common.norm(self.norm, train=train, dtype=self.dtype,
+                            axis_name=self.bn_axis_name, name='bn1')(x))
     return x if self.cifar else common.max_pool(x, 3, 2, padding=1)
 
 
@@ -116,6 +120,7 @@ class ResNet(nn.Module):
   groups: int = 1
   width_per_group: int = 64
   norm: str = 'batch'
+  bn_axis_name: str | None = None
   cifar_stem: bool = False
   width: float = 1.0
   dropout: float = 0.0
@@ -135,7 +140,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False):
     common.check_input(x, self.min_size, 'ResNet')
-    shared = dict(norm=self.norm, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)
+    shared = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                  conv_general_dilated=self.conv_general_dilated)
     stages = [('stem', _Stem(common.scaled(64, self.width), self.cifar_stem, name='stem',
                              **shared))]
     for i, n in enumerate(self.stage_sizes):

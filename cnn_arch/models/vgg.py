@@ -33,6 +33,7 @@ class VGG(nn.Module):
   block_sizes: Sequence[int]
   num_classes: int = 1000
   norm: str = 'none'
+  bn_axis_name: str | None = None
   cifar_stem: bool = False
   width: float = 1.0
   dropout: float = 0.5
@@ -55,7 +56,7 @@ class VGG(nn.Module):
       layers = tuple((f'conv{j + 1}', common.scaled(channels, self.width), 3, 1, 1)
                      for j in range(n))
       stages.append((name, common.ConvStack(
-          layers, pool=(2, 2), norm=self.norm, dtype=self.dtype,
+          layers, pool=(2, 2), norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
           conv_general_dilated=self.conv_general_dilated, name=name)))
     hidden = common.scaled(512 if self.cifar_stem else 4096, self.width)
     fc6 = common.DenseStage(hidden, 'fc6', dropout=self.dropout, dtype=self.dtype, name='stage5')

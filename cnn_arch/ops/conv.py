@@ -1,15 +1,17 @@
 """A 2-D convolution whose gradients run on matrix-multiply kernels (fast training on XLA:CPU).
 
-XLA:CPU lowers the weight gradient of a convolution to a slow generic kernel (2 GFLOP/s on a
-32x32x64 ResNet layer where PyTorch reaches 60, openxla/xla#34273), and the input gradient of a
-strided convolution to a convolution with `lhs_dilation`, another slow path (jax-ml/jax#23783).
+XLA:CPU lowers the weight gradient of a convolution to a slow generic kernel (2-25 GFLOP/s on a
+32x32x64 ResNet layer depending on the CPU, where PyTorch reaches 60, openxla/xla#34273), and the
+input gradient of a strided convolution to a convolution with `lhs_dilation`, another slow path
+(jax-ml/jax#23783). Measurements: BENCHMARKS.md.
 This op keeps XLA's forward convolution and replaces the backward pass (a `jax.custom_vjp`):
 
 * weight gradient: for every kernel tap (i, j), the strided slice of the padded input that the
   tap sees, contracted with the output gradient over batch and space -- kh*kw matrix products
-  (the im2col identity of Chellapilla et al., 2006, without materialising the im2col matrix);
+  (the im2col identity of Chellapilla et al., 2006, without materialising the im2col matrix),
+  in a scan so that one slice is alive at a time;
 * input gradient: a stride-1 convolution of the output gradient with the flipped kernel; for a
-  strided convolution, one such convolution per output phase (the sub-pixel decomposition of
+  strided convolution, one such convolution per input phase (the sub-pixel decomposition of
   Shi et al., 2016), so no `lhs_dilation` and no multiplications by inserted zeros.
 
 Both are exact reformulations (same sums, different order), so results match
