@@ -6,8 +6,11 @@ config against the model and dataset before anything is compiled, so a bad value
 """
 
 from ml_collections import ConfigDict  # re-exported for configs/*.py
+from ml_collections.config_dict import placeholder
 
 DTYPES = ('float32', 'bfloat16')
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def base() -> ConfigDict:
@@ -23,19 +26,21 @@ def base() -> ConfigDict:
 
   c.data = ConfigDict()
   c.data.name = 'digits'
-  c.data.data_dir = None
-  c.data.folder = None
+  c.data.data_dir = placeholder(str)
+  c.data.folder = placeholder(str)
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
-  c.data.image_size = None  # None: the dataset's default (32 for digits and CIFAR, 224 else).
-  c.data.mean = None
-  c.data.std = None
+  # None (the placeholders): the dataset's default, e.g. 32x32 for digits and CIFAR, else 224.
+  c.data.image_size = placeholder(int)
+  c.data.mean = placeholder(tuple)
+  c.data.std = placeholder(tuple)
   c.data.augment = True
-  c.data.classes = None  # e.g. (5, 6, 7, 8, 9): the target task of Yosinski et al. 2014.
-  c.data.per_class = None  # N training examples per class (few-shot).
-  c.data.fraction = None  # A fraction of the training set.
+  # A class subset, relabelled 0..C-1; (5, 6, 7, 8, 9) is the target task of Yosinski et al.
+  c.data.classes = placeholder(tuple)
+  c.data.per_class = placeholder(int)  # N training examples per class (few-shot).
+  c.data.fraction = placeholder(float)  # A fraction of the training set.
   c.data.subset_seed = 0  # Which examples a per_class/fraction view keeps (not the run's seed).
-  c.data.manual_dir = None  # tfds manual downloads (imagenet2012); None: DATA_DIR/downloads/manual.
+  c.data.manual_dir = placeholder(str)  # tfds manual downloads (imagenet2012).
   c.data.download = True  # False: fail at once instead of trying to download a tfds dataset.
   c.data.cache = True
 
@@ -101,7 +106,12 @@ def variant(c: ConfigDict, arg: str | None, pretrained_dir: str) -> ConfigDict:
   c.train.log_every_steps = 100
   if arg == 'cifar10_finetune':
     c.data.image_size = 224
+    c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD  # the statistics the weights expect
     c.model.options.cifar_stem = False
+    if c.model.name == 'alexnet':  # torchvision's AlexNet is the one-weird-trick layout
+      c.model.name = 'alexnet_tv'
+    if c.model.name == 'googlenet':  # its ImageNet weights re-normalise their input
+      c.model.options.transform_input = True
     c.finetune.init_from = pretrained_dir
     c.optim.learning_rate = 0.01
     c.optim.warmup_epochs = 0.5

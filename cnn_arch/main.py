@@ -47,7 +47,8 @@ def main(argv):
   _hide_accelerators_from_tensorflow()
   _maybe_distributed()
   from cnn_arch import train  # after distributed init: importing may touch the backend
-  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0]
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join('runs', config_name)
   results = train.train_and_evaluate(_CONFIG.value, workdir, _ON_CHANGE.value)
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'

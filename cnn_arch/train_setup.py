@@ -5,6 +5,7 @@ with a message naming the problem and the fix.
 """
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -105,6 +106,9 @@ def load_init_from(s: Setup, path: str, fresh: dict) -> dict:
     raise ValueError(f'finetune.init_from={path} holds a {meta.get("model")!r} network but '
                      f'model.name is {name!r}; set model.name={meta.get("model")} or point '
                      'init_from at a checkpoint of this architecture.')
+  if meta.get('options', {}) != s.model_meta['options']:  # e.g. transform_input: no shape shows it
+    logging.warning('finetune.init_from=%s was saved with model options %s; the config has %s.',
+                    path, meta.get('options'), s.model_meta['options'])
   out = {}
   for collection, tree in fresh.items():
     source = loaded.get(collection, {})

@@ -1,4 +1,4 @@
-"""VGG-11 with BatchNorm (Simonyan & Zisserman, ICLR 2015); other depths via --config.model.name=vgg16.
+"""VGG-11 with BatchNorm (Simonyan & Zisserman, ICLR 2015); other depths: --config.model.name=vgg16.
 
     python -m cnn_arch.main --config=configs/vgg.py
 

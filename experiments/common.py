@@ -11,7 +11,6 @@ interrupted sweep resumes where it stopped. Source-task pretraining, whose check
 fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
 """
 
-import functools
 import json
 import os
 import time
@@ -72,14 +71,7 @@ def programs(s, config: ConfigDict):
              config.train.eval_batch_size, s.image_size, s.total_steps, s.steps_per_epoch,
              s.model_meta['num_classes'])
   if key not in _PROGRAMS:
-    num_classes = s.model_meta['num_classes']
-    step = train.data_parallel(functools.partial(
-        train.train_step, model=s.model, tx=s.tx, frozen=config.finetune.freeze_depth,
-        frozen_keys=s.frozen_keys, num_classes=num_classes,
-        smoothing=config.optim.label_smoothing, skip_nonfinite=False), s.mesh, donate=False)
-    evaluate = train.data_parallel(functools.partial(
-        train.eval_step, model=s.model, num_classes=num_classes), s.mesh, donate=False)
-    _PROGRAMS[key] = (step, evaluate)
+    _PROGRAMS[key] = train.parallel_steps(s, config, donate=False)
   return _PROGRAMS[key]
 
 
@@ -181,3 +173,71 @@ def steps_for(config: ConfigDict, steps: int) -> ConfigDict:
   config.train.num_epochs = steps / per_epoch
   config.optim.warmup_epochs = 0.0  # a warm-up counted in epochs would differ across sizes
   return config
+
+
+def target_config(cfg: ConfigDict, *, per_class: int, seed: int, steps: int, depth: int = 0,
+                  init_from: str = '', norm: str | None = None) -> ConfigDict:
+  """The target-task trainer config of one run; `per_class` 0 means the whole training set.
+
+  The seed sets the head's initialisation, the data order and augmentation, and which
+  `per_class` examples are drawn (`data.subset_seed`).
+  """
+  c = ConfigDict(cfg.target.to_dict())
+  c.seed = seed
+  c.data.per_class = per_class or None
+  c.data.subset_seed = seed
+  c.finetune.freeze_depth = depth
+  c.finetune.init_from = init_from
+  if norm:
+    c.model.options.norm = norm
+  return steps_for(c, steps)
+
+
+def pretrained(cfg: ConfigDict, out: str, norm: str = 'batch') -> str:
+  """The checkpoint the target runs start from: `cfg.init_from`, or `cfg.source` trained once."""
+  if cfg.init_from:
+    if norm != cfg.target.model.options.get('norm', 'batch'):
+      raise ValueError(f'init_from={cfg.init_from} holds one network; there is no {norm!r} '
+                       'variant of it. Drop that norm from the experiment config, or set '
+                       'init_from to \'\' and configure `source` to pretrain one per norm.')
+    return cfg.init_from
+  source = ConfigDict(cfg.source.to_dict())
+  source.model.options.norm = norm
+  workdir = os.path.join(out, f'pretrain_{norm}')
+  pretrain(source, workdir)
+  return workdir
+
+
+def stage_names(trainer_config: ConfigDict) -> tuple[str, ...]:
+  """('stem', 'stage1', ..., 'head') of the configured model (no parameters are built)."""
+  options = dict(trainer_config.model.options)
+  return tuple(models.get_model(trainer_config.model.name, num_classes=2, **options).stage_names)
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def progress(iterable, desc: str):
+  """A tqdm bar over an experiment's runs (the trainer's own bars show steps)."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(list(iterable), desc=desc, unit='run', dynamic_ncols=True)
+
+
+def main(experiment):
+  """Command line of one experiment: `--config=configs/experiments/X.py --out=DIR`."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file('config', 'configs/experiments/digits.py',
+                                           'An experiment config (configs/experiments/*.py).')
+  out = flags.DEFINE_string('out', 'results', 'Output directory (finished runs are kept).')
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    enable_compile_cache(os.path.join(out.value, 'jax_cache'))
+    experiment(config.value, out.value)
+
+  app.run(run)

@@ -1,4 +1,4 @@
-"""Training and fine-tuning: files a run writes, freezing invariants, fine-tuning, resume, errors."""
+"""Training and fine-tuning: what a run writes, freezing invariants, fine-tuning, resume, errors."""
 
 import json
 import os

@@ -90,7 +90,8 @@ class AlexNet(nn.Module):
     pooled = i in _POOLED and not (i == 0 and self.cifar_stem)
     layer = (f'conv{i + 1}', common.scaled(features, self.width), kernel, stride, padding)
     return common.ConvStack((layer,), pool=(3, 2) if pooled else None, norm=self.norm,
-                            bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
+                            bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                            conv_general_dilated=self.conv_general_dilated,
                             name=name)
 
   def _before_fc6(self, fc6: Callable) -> Callable:
