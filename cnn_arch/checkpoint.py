@@ -11,8 +11,11 @@ mid-save never leaves a step that `latest_step()` would pick up.
 
 import logging
 import os
+import time
 from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 ITEMS = ('variables', 'train', 'meta')
@@ -51,14 +54,23 @@ def save_pretrained(directory: str, variables: dict, meta: dict, step: int = 0):
 
 
 def load_pretrained(path: str, step: int | None = None) -> tuple[dict, dict[str, Any]]:
-  """Restores `(variables, meta)` from the latest (or given) step of a checkpoint directory."""
+  """Restores `(variables, meta)` from the latest (or given) step of a checkpoint directory.
+
+  The arrays land on this process's first device, whatever devices wrote them (8 GPUs, a pod
+  slice): orbax would otherwise insist on the saving topology.
+  """
   directory = resolve(path)
-  with ocp.CheckpointManager(directory, item_names=ITEMS) as mngr:
+  handlers = dict(variables=ocp.StandardCheckpointHandler(),
+                  train=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+  with ocp.CheckpointManager(directory, item_names=ITEMS, item_handlers=handlers) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{directory} holds no complete checkpoint step.')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          mngr.item_metadata(step)['variables'])
     restored = mngr.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        variables=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   return dict(restored['variables']), dict(restored['meta'])
 
 
@@ -81,14 +93,28 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train:
 def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any):
   """`(step, variables, train)` of the newest readable step, or None if there is none.
 
-  A step that fails to read (a disk error, a file deleted by hand) is reported and skipped for
-  the one before it; nothing is deleted, so the damaged step stays there for inspection.
+  A step that fails to read (a disk error, a file deleted by hand) is reported and moved to
+  `<directory>.unreadable/` for inspection, so the run can write that step again; the one before
+  it is tried next.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored_variables, restored_train, _ = restore_state(mngr, step, variables, train)
       return step, restored_variables, restored_train
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...)
-      logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); trying the one '
-                      'before it.', step, mngr.directory, type(e).__name__, e)
+      aside = _set_aside(mngr, step)
+      logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and '
+                      'trying the one before it.', step, mngr.directory, type(e).__name__, e,
+                      aside)
   return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  aside = os.path.join(f'{mngr.directory}.unreadable', f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.rename(os.path.join(mngr.directory, str(step)), aside)
+  if jax.process_count() > 1:  # every host sees it gone before any saves that step again
+    multihost_utils.sync_global_devices(f'checkpoint: step {step} set aside')
+  mngr.reload()
+  return aside

@@ -43,6 +43,7 @@ def base() -> ConfigDict:
   c.data.manual_dir = placeholder(str)  # tfds manual downloads (imagenet2012).
   c.data.download = True  # False: fail at once instead of trying to download a tfds dataset.
   c.data.cache = True
+  c.data.shuffle_buffer = 10_000  # Examples shuffled together (the whole set when smaller).
 
   c.optim = ConfigDict()
   c.optim.name = 'sgd'

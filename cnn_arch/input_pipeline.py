@@ -438,6 +438,7 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int,
     ds = base.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
     return ds.take(per_epoch * local).map(lambda ex: dict(ex, epoch=e))
 
+  @tf.autograph.experimental.do_not_convert  # plain TF ops; autograph only warns on closures
   def augment(ex):
     key = tf.random.experimental.stateless_fold_in(tf.stack([seed, ex['epoch']]), ex['index'])
     return {'image': _train_image(ex['image'], key, prep), 'label': ex['label']}

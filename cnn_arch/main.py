@@ -6,7 +6,7 @@ Running the same command again resumes from the latest checkpoint in the workdir
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.',
@@ -21,6 +21,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for a multi-host run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+_CACHE_DIR = flags.DEFINE_string(
+    'compilation_cache', os.path.expanduser('~/.cache/cnn_arch/xla'),
+    'JAX\'s persistent compilation cache: a rerun or a sweep compiles each program once. '
+    '"" turns it off.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -44,8 +48,13 @@ def _maybe_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _hide_accelerators_from_tensorflow()
   _maybe_distributed()
+  if _CACHE_DIR.value:
+    import jax
+    jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from cnn_arch import train  # after distributed init: importing may touch the backend
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file))[0]
@@ -54,6 +63,8 @@ def main(argv):
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in results.items()))
   print(f'Results, metrics and checkpoints are in {workdir}/')
+  if results['preempted']:
+    print('Stopped early by SIGTERM after saving a checkpoint; run the same command to resume.')
 
 
 if __name__ == '__main__':

@@ -8,10 +8,12 @@ the new config (e.g. a longer schedule) or `restart` (the old run is moved aside
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 ON_CHANGE = ('refuse', 'resume', 'restart')
@@ -36,8 +38,9 @@ def claim(workdir: str, config: ConfigDict, on_change: str = 'refuse'):
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'config.json')
   new = json.loads(config.to_json())
-  if os.path.exists(path):
-    old = json.load(open(path))
+  old = json.load(open(path)) if os.path.exists(path) else None
+  _all_hosts_reach('read config.json')  # every host reads it before process 0 rewrites it
+  if old is not None:
     a, b = _flatten(old), _flatten(new)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if changed and on_change == 'refuse':
@@ -47,8 +50,8 @@ def claim(workdir: str, config: ConfigDict, on_change: str = 'refuse'):
           'or --on_config_change=resume to continue its checkpoints under the new config, or '
           '--on_config_change=restart to move the old run aside and start afresh.')
     if changed and jax.process_index() == 0:
-      aside = os.path.join(workdir, f'previous-{time.strftime("%Y%m%d-%H%M%S")}')
-      os.makedirs(aside)
+      # mkdtemp: unique even when two changes come within the same second.
+      aside = tempfile.mkdtemp(prefix=f'previous-{time.strftime("%Y%m%d-%H%M%S")}-', dir=workdir)
       moved = _RUN_FILES if on_change == 'restart' else ()
       for name in ('config.json',) + moved:
         if os.path.exists(os.path.join(workdir, name)):
@@ -56,22 +59,40 @@ def claim(workdir: str, config: ConfigDict, on_change: str = 'refuse'):
   if jax.process_index() == 0:
     with open(path, 'w') as f:
       json.dump(new, f, indent=2)
+  _all_hosts_reach('claimed')  # no host looks for checkpoints while process 0 moves them
+
+
+def _all_hosts_reach(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'rundir.claim: {name}')
 
 
 class Preemption:
-  """Turns SIGTERM (Slurm, Kubernetes, preemptible VMs) into a flag checked between steps."""
+  """Turns SIGTERM (Slurm, Kubernetes, preemptible VMs) into a stop at a step boundary.
+
+  On one host a Python handler sets a flag. On several hosts every host must stop at the same
+  step, or the others wait forever in the next collective: jax.distributed's preemption service
+  catches SIGTERM on any host and agrees with the others on the step to stop at.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():  # signals reach only that one
+    single = jax.process_count() == 1
+    if single and threading.current_thread() is threading.main_thread():  # signals reach only it
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def stop(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call it once per step, on every host."""
+    if jax.process_count() > 1 and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:

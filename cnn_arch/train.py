@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
@@ -69,7 +70,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen
   batch_stats = _keep_frozen(batch_stats, state.batch_stats, frozen_keys)
   accuracy = (jnp.argmax(logits, -1) == batch['label']).mean()
   metrics = {'loss': loss, 'accuracy': lax.pmean(accuracy, AXIS)}
-  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.tree.norm(grads))
+  # The update too: an infinite learning rate turns finite gradients into non-finite weights.
+  finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.tree.norm(grads))
+            & jnp.isfinite(optax.tree.norm(updates)))
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       opt_state=opt_state)
   if skip_nonfinite:  # keep the old parameters, but count the step so the data moves on
@@ -136,7 +139,7 @@ def evaluate(s: Setup, eval_fn, state: TrainState, config: ConfigDict) -> dict:
                                            global_batch_size=config.train.eval_batch_size):
     sums = eval_fn(state, to_global(batch, s.batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+  totals = host_value(totals)
   n = max(float(totals['count']), 1.0)
   result = {'loss': float(totals['loss']) / n, 'top1': float(totals['top1']) / n}
   if s.info.num_classes >= 5:
@@ -167,6 +170,11 @@ def _check_labels(batch: dict, num_classes: int, step: int):
 
 
 
+def host_value(tree):
+  """Replicated global arrays as numpy: reads this host's copy, so it works on any host."""
+  return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree))
+
+
 def _split(state: TrainState) -> tuple[dict, dict]:
   return ({'params': state.params, 'batch_stats': state.batch_stats},
           {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng})
@@ -177,7 +185,8 @@ def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
   restored = checkpoint.restore_latest(mngr, *_split(abstract_state(s)))
   if restored is None:
     return jax.device_put(init_state(s, config), s.replicated)
-  _, variables, train = restored
+  step, variables, train = restored
+  logging.info('Resuming from checkpoint step %d in %s.', step, mngr.directory)
   return TrainState(**variables, **train)
 
 
@@ -193,7 +202,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, on_config_change: str =
   best = (checkpoint.manager(os.path.join(workdir, 'best'), best_metric='top1', keep_best=1)
           if config.checkpoint.keep_best else None)
   state = restore_or_init(s, config, mngr)
-  start = int(state.step)
+  start = int(host_value(state.step))
   reporter = reporting.Reporter(workdir, s.total_steps, start)
   t0 = time.perf_counter()
   with rundir.Preemption() as preemption:
@@ -210,7 +219,7 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
   """The step loop: log, evaluate and checkpoint on schedule; stop at a step on SIGTERM."""
   step_fn, eval_fn = parallel_steps(s, config)
   eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
-  start = int(state.step)
+  start = int(host_value(state.step))
   batches = input_pipeline.train_batches(config.data, global_batch_size=config.train.batch_size,
                                          seed=config.seed, start_step=start)
   pending, eval_metrics = [], None
@@ -219,12 +228,13 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
     _check_labels(batch, s.model_meta['num_classes'], step)
     state, metrics = step_fn(state, to_global(batch, s.batch_sharding))
     pending.append((step, metrics))
-    last, stop = step == s.total_steps, preemption.requested
+    last, stop = step == s.total_steps, preemption.stop(step)
     save = step % config.checkpoint.every_steps == 0 or last or stop
-    if step % config.train.log_every_steps == 0 or save:
+    evaluate_now = step % eval_every == 0 or last
+    if step % config.train.log_every_steps == 0 or save or evaluate_now:
       _log_train(reporter, pending, config)  # raises on a non-finite step, before any save
       pending = []
-    if step % eval_every == 0 or last:
+    if evaluate_now:
       eval_metrics = evaluate(s, eval_fn, state, config)
       reporter.write('eval', step, eval_metrics)
       if best is not None:
@@ -236,6 +246,8 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
     reporter.advance(step)
     if stop:
       reporter.write('preempted', step, {})
+      logging.warning('Preempted (SIGTERM): saved the checkpoint of step %d and stopped; run '
+                      'the same command to resume from it.', step)
       break
   if eval_metrics is None:  # resumed after the last step, or preempted before an evaluation
     eval_metrics = evaluate(s, eval_fn, state, config)
@@ -244,7 +256,7 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
 
 def _log_train(reporter, pending: list, config: ConfigDict):
   """Averages the step metrics since the last log: one host sync per log, not per step."""
-  values = jax.device_get([m for _, m in pending])
+  values = host_value([m for _, m in pending])
   bad = [st for (st, _), v in zip(pending, values) if not v['finite']]
   if bad and config.train.on_nonfinite == 'stop':
     raise FloatingPointError(

@@ -1,7 +1,7 @@
 """Training and inference throughput of cnn_arch models, with an optional PyTorch side-by-side.
 
     python experiments/benchmark.py --model=resnet18 --image_size=32 --batch=128 --cifar_stem \
-        --freeze_depth=0 --conv=fast [--torch] [--out=results/bench.jsonl]
+        --freeze_depth=0 --conv=xla [--torch] [--out=results/bench.jsonl]
     python experiments/benchmark.py --suite=convs --cifar_stem  # whole step, XLA vs ops, interleaved
     python experiments/benchmark.py --suite=layers    # per-layer conv: plain XLA vs cnn_arch.ops
     python experiments/benchmark.py --suite=lecture   # ResNet-50 vs ResNeXt-50, BN vs GN
@@ -49,7 +49,7 @@ def parse_args(argv=None):
   p.add_argument('--width', type=float, default=1.0)
   p.add_argument('--norm', default='batch', choices=('batch', 'group', 'none'))
   p.add_argument('--num_classes', type=int, default=10)
-  p.add_argument('--conv', default='fast', choices=tuple(CONVS))
+  p.add_argument('--conv', default='xla', choices=tuple(CONVS))
   p.add_argument('--torch', action='store_true', help='also time the torchvision model')
   p.add_argument('--steps', type=int, default=5, help='timed calls (median reported)')
   p.add_argument('--no_infer', action='store_true', help='skip the inference timing')

@@ -11,10 +11,12 @@ interrupted sweep resumes where it stopped. Source-task pretraining, whose check
 fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
 """
 
+import functools
 import json
 import os
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,7 @@ from cnn_arch.train_setup import load_init_from, make_setup
 
 _PROGRAMS = {}  # program key -> (jitted train step, jitted eval step)
 _EVAL_DATA = {}  # data view key -> list of padded eval batches (numpy)
-_INITS = {}  # (model key, seed) -> freshly initialised variables (numpy)
+_INIT_FNS = {}  # model key -> compiled `model.init`
 
 
 def enable_compile_cache(directory: str):
@@ -83,13 +85,24 @@ def eval_batches(data: ConfigDict, batch_size: int) -> list[dict]:
   return _EVAL_DATA[key]
 
 
+def _init_fn(s):
+  """`model.init` compiled once per architecture (without XLA's backend optimisations, as
+  `models.init_variables` does: it runs once per seed); a new seed is then only an execution."""
+  key = _key(s.model_meta, s.image_size)
+  if key not in _INIT_FNS:
+    x = jnp.zeros((1, s.image_size, s.image_size, 3), jnp.float32)
+    rng = jax.random.PRNGKey(0)
+    init = jax.jit(functools.partial(s.model.init, train=False))
+    compiled = init.lower({'params': rng, 'dropout': rng}, x).compile(
+        compiler_options={'xla_backend_optimization_level': 0})
+    _INIT_FNS[key] = lambda r: compiled({'params': r, 'dropout': r}, x)
+  return _INIT_FNS[key]
+
+
 def init_state(s, config: ConfigDict) -> train.TrainState:
-  """`train.init_state`, with the random initialisation computed once per (model, seed)."""
+  """`train.init_state` (same seeds, same `init_from` surgery), with the init compiled once."""
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  key = _key(s.model_meta, s.image_size, config.seed)
-  if key not in _INITS:
-    _INITS[key] = jax.device_get(models.init_variables(s.model, s.image_size, init_rng))
-  variables = jax.tree.map(jnp.asarray, _INITS[key])
+  variables = flax.core.unfreeze(_init_fn(s)(init_rng))
   if config.finetune.init_from:
     variables = load_init_from(s, config.finetune.init_from, variables)
   params = variables['params']
@@ -165,11 +178,15 @@ def steps_for(config: ConfigDict, steps: int) -> ConfigDict:
   """A copy of `config` that trains for exactly `steps` steps on its data view.
 
   A fixed step count (not epochs) keeps the schedule, hence the compiled program, identical
-  across target sizes, and gives every size the same compute.
+  across target sizes, and gives every size the same compute. A view smaller than the batch
+  (1 example per class) trains with the whole view as its batch.
   """
   config = ConfigDict(config.to_dict())
-  per_epoch = input_pipeline.steps_per_epoch(input_pipeline.get_info(config.data),
-                                             config.train.batch_size)
+  info = input_pipeline.get_info(config.data)
+  if info.num_train < config.train.batch_size:
+    devices = jax.device_count()
+    config.train.batch_size = max(devices, info.num_train // devices * devices)
+  per_epoch = input_pipeline.steps_per_epoch(info, config.train.batch_size)
   config.train.num_epochs = steps / per_epoch
   config.optim.warmup_epochs = 0.0  # a warm-up counted in epochs would differ across sizes
   return config
@@ -228,7 +245,7 @@ def progress(iterable, desc: str):
 
 def main(experiment):
   """Command line of one experiment: `--config=configs/experiments/X.py --out=DIR`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file('config', 'configs/experiments/digits.py',
                                            'An experiment config (configs/experiments/*.py).')
@@ -237,6 +254,7 @@ def main(experiment):
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     enable_compile_cache(os.path.join(out.value, 'jax_cache'))
     experiment(config.value, out.value)
 

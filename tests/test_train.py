@@ -51,7 +51,7 @@ def leaves_equal(a, b) -> bool:
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize('depth', [0, 2, 5])
+@pytest.mark.parametrize('depth', range(6))
 def test_freezing_leaves_frozen_stages_bit_identical(depth):
   c = tiny_config(finetune=dict(freeze_depth=depth), optim=dict(weight_decay=0.1))
   s, before, after = run_steps(c, 3)
@@ -175,7 +175,7 @@ def test_one_and_four_devices_reach_the_same_parameters(tmp_path):
                    check=True, env=env, cwd=ROOT)
     out[n] = np.load(tmp_path / f'{n}.npz')
   for key in out[1].files:
-    np.testing.assert_allclose(out[1][key], out[4][key], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out[1][key], out[4][key], rtol=1e-3, atol=1e-4)
 
 
 def test_unknown_config_key_is_named(tmp_path):

@@ -1,0 +1,118 @@
+"""Architecture comparison: parameters, MACs, measured speed and accuracy of each CNN family.
+
+    python -m experiments.arch_compare --config=configs/experiments/digits.py --out=results/
+
+AlexNet (Krizhevsky et al. 2012), VGG (Simonyan & Zisserman 2015), GoogLeNet (Szegedy et al.
+2015), ResNet (He et al. 2016), ResNeXt (Xie et al. 2017) and a GroupNorm ResNet (Wu & He 2018),
+all at the same reduced width, trained from scratch with the same schedule on the same task.
+Parameters and MACs come from `cnn_arch.summary.analyze`; images/s are medians of timed calls
+(`experiments.benchmark.timed`) of the very train and eval steps the runs used, on this machine.
+The lecture claims ResNeXt is 1.5-2x slower than ResNet at equal MACs because grouped
+convolutions are poorly optimised; `resnext_finding` states what this machine shows.
+Writes OUT/arch_compare/rows.jsonl.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from cnn_arch import config as config_lib
+from cnn_arch import summary
+from cnn_arch.train_setup import make_setup
+from experiments import benchmark, common
+
+NAME = 'arch_compare'
+
+
+def trainer_config(cfg, name: str, options: dict) -> ConfigDict:
+  """The trainer config of one family: shared width, data, batch, steps; `options` override."""
+  options = dict(options)
+  c = config_lib.base()
+  c.seed = cfg.arch.seed
+  c.model.name = name
+  c.data = ConfigDict(cfg.arch.data.to_dict())
+  c.data.image_size = options.pop('image_size', cfg.arch.image_size)
+  c.optim.learning_rate = options.pop('lr', cfg.target.optim.learning_rate)
+  c.model.options = ConfigDict(dict(width=cfg.arch.width, cifar_stem=True, **options))
+  c.train.batch_size = cfg.arch.batch_size
+  c.train.eval_batch_size = cfg.target.train.eval_batch_size
+  return common.steps_for(c, cfg.arch.steps)
+
+
+def label(name: str, options: dict) -> str:
+  """The model's row name: registry name plus the options that differ from the shared ones."""
+  extra = ','.join(f'{k}={v}' for k, v in sorted(options.items()) if k != 'image_size')
+  return f'{name}' + (f'[{extra}]' if extra else '')
+
+
+def measure(config: ConfigDict, steps: int) -> dict:
+  """Params and MACs per image, and median train/inference images/s of the trainer's steps."""
+  s = make_setup(config)
+  size, batch = s.image_size, config.train.batch_size
+  report = summary.analyze(s.model, (1, size, size, 3))
+  step_fn, eval_fn = common.programs(s, config)
+  state = common.init_state(s, config)
+  data = jax.device_put({'image': jnp.zeros((batch, size, size, 3)),
+                         'label': jnp.zeros((batch,), jnp.int32),
+                         'mask': jnp.ones((batch,))}, s.batch_sharding)
+  train_s = benchmark.timed(step_fn, state, {k: data[k] for k in ('image', 'label')},
+                            steps=steps)
+  infer_s = benchmark.timed(eval_fn, state, data, steps=steps)
+  return dict(params=report['total_params'], macs=report['total_macs'], image_size=size,
+              batch=batch, train_img_s=batch / train_s, infer_img_s=batch / infer_s,
+              backend=jax.default_backend())
+
+
+def run(cfg, out: str) -> list[dict]:
+  rows = []
+  for family, name, options in common.progress(cfg.arch.models, NAME):
+    options = dict(options)
+    config = trainer_config(cfg, name, options)
+    workdir = os.path.join(out, NAME, 'runs', label(name, options).replace('=', '-'))
+    result = common.run(config, workdir)
+    speed_file = os.path.join(workdir, 'speed.json')
+    if not os.path.exists(speed_file):
+      common.write_json(speed_file, measure(config, cfg.arch.timed_steps))
+    rows.append(dict(family=family, model=label(name, options), width=cfg.arch.width,
+                     top1=result['top1'], epochs=result['epochs'],
+                     **common.read_json(speed_file)))
+  common.write_jsonl(os.path.join(out, NAME, 'rows.jsonl'), rows)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  """Markdown table; GMAC/s = forward MACs x images/s (what the hardware achieves)."""
+  lines = ['| family | model | width | input | params | MACs/image | train img/s | '
+           'infer img/s | infer GMAC/s | top-1 (%) |', '|---' * 10 + '|']
+  for r in rows:
+    lines.append(
+        f'| {r["family"]} | {r["model"]} | {r["width"]} | {r["image_size"]}² | '
+        f'{r["params"] / 1e6:.3f}M | {r["macs"] / 1e6:.2f}M | {r["train_img_s"]:.0f} | '
+        f'{r["infer_img_s"]:.0f} | {r["infer_img_s"] * r["macs"] / 1e9:.2f} | '
+        f'{100 * r["top1"]:.1f} |')
+  return '\n'.join(lines)
+
+
+def resnext_finding(rows: list[dict]) -> str:
+  """Time per MAC of ResNeXt relative to the plain ResNet of the same depth, in words."""
+  by_name = {r['model'].split('[')[0]: r for r in rows if '[' not in r['model']}
+  pairs = [(x, r) for x, r in (('resnext50_32x4d', 'resnet50'), ('resnext101_32x8d', 'resnet101'))
+           if x in by_name and r in by_name]
+  if not pairs:
+    return 'No ResNeXt/ResNet pair of equal depth was measured.'
+  x, r = (by_name[n] for n in pairs[0])
+  per_mac = {k: (x['macs'] / x[k]) / (r['macs'] / r[k]) for k in ('train_img_s', 'infer_img_s')}
+  ratio = x['macs'] / r['macs']
+  verdict = ('slower' if min(per_mac.values()) > 1.0 else 'not slower')
+  within = all(1.5 <= v <= 2.0 for v in per_mac.values())
+  return (f'{pairs[0][0]} has {ratio:.2f}x the MACs of {pairs[0][1]} at this width; per MAC it '
+          f'trains {per_mac["train_img_s"]:.1f}x and infers {per_mac["infer_img_s"]:.1f}x as '
+          f'slowly on this machine ({x.get("backend", "?")}), so ResNeXt is {verdict} at equal '
+          f'MACs; the lecture\'s 1.5-2x range {"holds" if within else "does not hold"} here.')
+
+
+if __name__ == '__main__':
+  common.main(lambda cfg, out: print(table(run(cfg, out)) + '\n\n' + resnext_finding(
+      common.read_jsonl(os.path.join(out, NAME, 'rows.jsonl')))))

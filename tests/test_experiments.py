@@ -1,0 +1,225 @@
+"""Tests of experiments/: k-NN against brute force, the summaries, the report, and a tiny
+end-to-end run of all four experiments (real code path, shared compiled programs)."""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.experiments import digits  # pylint: disable=g-import-not-at-top
+from experiments import arch_compare, common, features_l2, freeze_sweep, report, run_all
+from experiments import scratch_vs_pretrained as svp
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def _brute_nearest(queries, keys, k):
+  out_idx, out_dist = [], []
+  for q in queries:
+    d = [math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(q, key))) for key in keys]
+    order = sorted(range(len(keys)), key=lambda i: (d[i], i))[:k]
+    out_idx.append(order)
+    out_dist.append([d[i] for i in order])
+  return np.array(out_idx), np.array(out_dist)
+
+
+def test_nearest_matches_brute_force():
+  rng = np.random.default_rng(0)
+  keys, queries = rng.normal(size=(40, 7)), rng.normal(size=(9, 7))
+  idx, dist = features_l2.nearest(queries, keys, 5)
+  ref_idx, ref_dist = _brute_nearest(queries, keys, 5)
+  np.testing.assert_array_equal(idx, ref_idx)
+  np.testing.assert_allclose(dist, ref_dist, rtol=1e-9, atol=1e-9)
+
+
+def test_nearest_breaks_exact_ties_by_index_and_finds_itself():
+  keys = np.array([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 3.0]])
+  idx, dist = features_l2.nearest(keys[:1], keys, 3)
+  assert idx.tolist() == [[0, 1, 2]]  # 1 and 2 are both at distance 1
+  assert dist.tolist() == [[0.0, 1.0, 1.0]]
+  with pytest.raises(ValueError, match='k=5 must be between 1 and the number of keys'):
+    features_l2.nearest(keys, keys, 5)
+
+
+def _brute_vote(row_labels):
+  counts = {}
+  for label in row_labels:
+    counts[label] = counts.get(label, 0) + 1
+  best = max(counts.values())
+  return next(label for label in row_labels if counts[label] == best)  # nearest among tied
+
+
+def test_knn_predict_matches_reference_vote():
+  rng = np.random.default_rng(1)
+  key_labels = rng.integers(0, 4, size=30)
+  neighbours = np.stack([rng.permutation(30)[:5] for _ in range(200)])
+  expected = [_brute_vote(key_labels[row].tolist()) for row in neighbours]
+  np.testing.assert_array_equal(features_l2.knn_predict(neighbours, key_labels, 4), expected)
+  # Two classes with two votes each: the one whose nearest vote is closer wins.
+  assert features_l2.knn_predict(np.array([[0, 1, 2, 3]]), np.array([2, 1, 1, 2]), 3) == [2]
+
+
+def test_linear_probe_separates_separable_features():
+  rng = np.random.default_rng(2)
+  y = rng.integers(0, 3, size=90)
+  x = np.eye(3)[y] * 4 + rng.normal(scale=0.3, size=(90, 3))
+  assert features_l2.linear_probe(x, y, x, y, 3, steps=100, lr=0.1) == 1.0
+
+
+def _rows(per_class, depth, tops):
+  return [dict(per_class=per_class, depth=depth, seed=s, frozen='stem' if depth else '-',
+               num_train=5 * per_class, top1=t, seconds=1.0) for s, t in enumerate(tops)]
+
+
+def test_freeze_summary_table_and_best_depth():
+  rows = (_rows(5, 0, [0.5, 0.7]) + _rows(5, 1, [0.8, 0.8]) + _rows(50, 0, [0.9, 0.95]) +
+          _rows(50, 1, [0.85, 0.85]))
+  summary = freeze_sweep.summarize(rows)
+  assert [(r['per_class'], r['depth']) for r in summary] == [(5, 0), (5, 1), (50, 0), (50, 1)]
+  assert summary[0]['mean'] == pytest.approx(0.6)
+  assert summary[0]['std'] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+  assert freeze_sweep.best_depths(summary) == {5: 1, 50: 0}
+  lines = freeze_sweep.table(summary).splitlines()
+  assert len(lines) == 2 + 2 + 1  # header, rule, two depths, best-depth row
+  assert lines[2].startswith('| 0 (-) | 60.0 ± 14.1 | **92.5 ± 3.5** |')
+  assert lines[-1] == '| best depth | 1 | 0 |'
+
+
+def _gap_rows(gaps_by_schedule, std=0.0):
+  return [dict(norm='batch', per_class=20, schedule=s, num_train=100, epochs=s, scratch=0.5,
+               scratch_std=std, pretrained=0.5 + g, pretrained_std=std, gap=g)
+          for s, g in gaps_by_schedule]
+
+
+def test_findings_are_computed_from_the_gaps():
+  (caught,) = svp.findings(_gap_rows([(1, 0.2), (2, 0.1), (4, 0.005)]))
+  assert 'catches up with pretraining by 4x' in caught and '+20.0 at 1x' in caught
+  (narrowed,) = svp.findings(_gap_rows([(1, 0.2), (4, 0.1)]))
+  assert 'closes 50% of the gap but scratch does not catch up within 4x' in narrowed
+  (level,) = svp.findings(_gap_rows([(1, -0.02), (4, 0.0)]))
+  assert 'already level' in level
+  (wider,) = svp.findings(_gap_rows([(1, 0.1), (4, 0.2)]))
+  assert 'does not shrink' in wider
+  # A gap within the seeds' spread counts as caught up.
+  (noisy,) = svp.findings(_gap_rows([(1, 0.2), (4, 0.03)], std=0.05))
+  assert 'already level' in noisy or 'catches up' in noisy
+
+
+def test_gaps_pair_inits_and_average_seeds():
+  rows = [dict(norm='group', per_class=0, schedule=2, init=i, seed=s, num_train=600, epochs=3.0,
+               top1=t) for i, s, t in (('scratch', 0, 0.6), ('scratch', 1, 0.8),
+                                       ('pretrained', 0, 0.9), ('pretrained', 1, 0.9))]
+  (g,) = svp.gaps(rows)
+  assert g['scratch'] == pytest.approx(0.7) and g['gap'] == pytest.approx(0.2)
+  assert '| group | all (600) | 2x | 3.0 | 70.0 ± 14.1 | 90.0 ± 0.0 | +20.0 |' in svp.table([g])
+
+
+def _arch_row(model, macs, train, infer):
+  return dict(family=model[:6], model=model, width=0.125, image_size=16, params=1e5, macs=macs,
+              train_img_s=train, infer_img_s=infer, top1=0.9, batch=32, backend='cpu')
+
+
+def test_resnext_finding_normalises_by_macs():
+  rows = [_arch_row('resnet50', 2e6, 100.0, 400.0), _arch_row('resnext50_32x4d', 1e6, 25.0, 100.0)]
+  text = arch_compare.resnext_finding(rows)
+  assert '0.50x the MACs' in text and 'trains 2.0x and infers 2.0x as slowly' in text
+  assert 'is slower at equal MACs' in text and 'range holds' in text
+  assert 'No ResNeXt' in arch_compare.resnext_finding(rows[:1])
+
+
+def test_report_renders_from_fake_result_files(tmp_path):
+  out = str(tmp_path)
+  for name in (freeze_sweep.NAME, svp.NAME, arch_compare.NAME):
+    os.makedirs(os.path.join(out, name))
+  common.write_jsonl(os.path.join(out, freeze_sweep.NAME, 'runs.jsonl'),
+                     _rows(5, 0, [0.5, 0.6]) + _rows(5, 1, [0.7, 0.8]) +
+                     _rows(50, 0, [0.9, 0.9]) + _rows(50, 1, [0.8, 0.7]))
+  runs = [dict(norm='batch', per_class=5, schedule=s, init=i, seed=0, num_train=25, epochs=s,
+               top1=t) for s, i, t in ((1, 'scratch', 0.4), (1, 'pretrained', 0.8),
+                                       (2, 'scratch', 0.795), (2, 'pretrained', 0.8))]
+  common.write_jsonl(os.path.join(out, svp.NAME, 'runs.jsonl'), runs)
+  common.write_jsonl(os.path.join(out, svp.NAME, 'curves.jsonl'),
+                     [dict(r, epoch=e, top1=r['top1'] * e / r['schedule'])
+                      for r in runs for e in range(1, r['schedule'] + 1)])
+  common.write_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'),
+                     [_arch_row('resnet50', 2e6, 100.0, 400.0),
+                      _arch_row('resnext50_32x4d', 2e6, 40.0, 200.0)])
+  text = open(report.render(out)).read()
+  assert '## 1. Freeze-depth sweep' in text and '## 3.' not in text  # no features results
+  assert 'Best depth by target size: 25 examples: depth 1, 250 examples: depth 0' in text
+  assert 'falls as the target set grows' in text
+  assert 'scratch catches up with pretraining by 2x' in text
+  assert 'trains 2.5x and infers 2.0x as slowly' in text
+  for figure in ('freeze_sweep.png', 'scratch_vs_pretrained.png'):
+    assert f'(figures/{figure})' in text
+    with open(os.path.join(out, 'figures', figure), 'rb') as f:
+      assert f.read(8) == PNG
+
+
+def tiny_config():
+  """The digits experiments at the smallest size that still runs every code path."""
+  c = digits.get_config()
+  for section in (c.source, c.target):
+    section.model.options.width = 0.0625
+    section.data.image_size = 8
+  c.source.train.num_epochs = 0.1  # 2 steps
+  c.freeze.per_class, c.freeze.seeds, c.freeze.steps = (5,), (0, 1), 2
+  c.freeze.depths = (0, 5)
+  c.scratch.per_class, c.scratch.norms, c.scratch.schedules = (5,), ('batch',), (1,)
+  c.scratch.steps_1x, c.scratch.num_evals = 2, 2  # same program as freeze depth 0
+  c.features.k, c.features.queries, c.features.probe_steps = 3, 2, 10
+  c.arch.data = c.target.data  # same view, size and width as the sweep: shared programs
+  c.arch.width, c.arch.image_size, c.arch.batch_size, c.arch.steps = 0.0625, 8, 25, 2
+  c.arch.timed_steps = 1
+  c.arch.models = (('resnet', 'resnet18', {}),)
+  return c
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('experiments'))
+  common.enable_compile_cache(os.path.join(out, 'jax_cache'))
+  path = run_all.run_all(tiny_config(), out)
+  return out, path
+
+
+def test_tiny_run_writes_every_result(tiny_run):
+  out, path = tiny_run
+  rows = common.read_jsonl(os.path.join(out, freeze_sweep.NAME, 'runs.jsonl'))
+  assert sorted((r['depth'], r['seed']) for r in rows) == [(0, 0), (0, 1), (5, 0), (5, 1)]
+  assert all(0.0 <= r['top1'] <= 1.0 and r['num_train'] == 25 for r in rows)
+  assert {r['frozen'] for r in rows} == {'-', 'stem,stage1,stage2,stage3,stage4'}
+  curves = common.read_jsonl(os.path.join(out, svp.NAME, 'curves.jsonl'))
+  assert sorted((c['init'], c['epoch']) for c in curves) == [
+      ('pretrained', 1.0), ('pretrained', 2.0), ('scratch', 1.0), ('scratch', 2.0)]
+  feats = common.read_json(os.path.join(out, features_l2.NAME, 'results.json'))
+  assert set(feats) == {'pretrained', 'random'}
+  assert all(0 <= r['knn_top1'] <= 1 and 0 <= r['probe_top1'] <= 1 and r['dims'] == 32
+             for r in feats.values())
+  (arch,) = common.read_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'))
+  assert arch['params'] > 0 and arch['macs'] > 0 and arch['train_img_s'] > 0
+  text = open(path).read()
+  for section in ('## 1.', '## 2.', '## 3.', '## 4.'):
+    assert section in text
+  for figure in ('freeze_sweep.png', 'scratch_vs_pretrained.png', 'knn_grid.png'):
+    with open(os.path.join(out, 'figures', figure), 'rb') as f:
+      assert f.read(8) == PNG
+
+
+def test_tiny_run_resumes_only_unfinished_runs(tiny_run):
+  out, _ = tiny_run
+  runs_dir = os.path.join(out, freeze_sweep.NAME, 'runs')
+  redo = os.path.join(runs_dir, 'n5_d5_s1', 'results.json')
+  keep = os.path.join(runs_dir, 'n5_d0_s0', 'results.json')
+  os.remove(redo)
+  before = os.path.getmtime(keep)
+  rows = freeze_sweep.run(tiny_config(), out)
+  assert os.path.exists(redo) and os.path.getmtime(keep) == before
+  assert len(rows) == 4
+  with open(redo) as f:
+    assert json.load(f)['steps'] == 2
