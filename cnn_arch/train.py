@@ -186,7 +186,7 @@ def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
   if restored is None:
     return jax.device_put(init_state(s, config), s.replicated)
   step, variables, train = restored
-  logging.info('Resuming from checkpoint step %d in %s.', step, mngr.directory)
+  logging.warning('Resuming from checkpoint step %d in %s.', step, mngr.directory)
   return TrainState(**variables, **train)
 
 

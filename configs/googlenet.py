@@ -3,8 +3,8 @@
     python -m cnn_arch.main --config=configs/googlenet.py
 
 Default: `googlenet` at reduced width with the small-input stem on the embedded offline digits
-dataset at 32x32, trained from scratch; minutes on a 2-core CPU (see README for the measured
-accuracy). Results land in runs/googlenet/.
+dataset at 16x16 (the digits are 8x8; 32x32 quadruples the cost), trained from scratch; minutes on
+a 2-core CPU (see README for the measured accuracy). Results land in runs/googlenet/.
 Real data (GPU): --config=configs/googlenet.py:cifar10 (from scratch), or :cifar10_finetune from
 torchvision's ImageNet weights converted into weights/googlenet (see README), e.g.
 --config.finetune.freeze_depth=2.
@@ -17,6 +17,7 @@ def get_config(arg=None):
   c = config.base()
   c.model.name = 'googlenet'
   c.model.options = config.ConfigDict(dict(width=0.25, cifar_stem=True))
+  c.data.image_size = 16
   c.train.batch_size = 64
   c.train.num_epochs = 8.0
   c.optim.learning_rate = 0.05

@@ -2,7 +2,10 @@
 
     python experiments/benchmark.py --model=resnet18 --image_size=32 --batch=128 --cifar_stem \
         --freeze_depth=0 --conv=xla [--torch] [--out=results/bench.jsonl]
-    python experiments/benchmark.py --suite=convs --cifar_stem  # whole step, XLA vs ops, interleaved
+    python experiments/benchmark.py --suite=convs --cifar_stem --conv=auto  # whole step, XLA vs ops
+    python experiments/benchmark.py --suite=options --cifar_stem \
+        --xla_option=xla_cpu_experimental_ynn_fusion_type=  # whole step, XLA compile options A/B
+    /work/venv-torch/bin/python experiments/benchmark.py --suite=vs_torch --cifar_stem --conv=auto
     python experiments/benchmark.py --suite=layers    # per-layer conv: plain XLA vs cnn_arch.ops
     python experiments/benchmark.py --suite=lecture   # ResNet-50 vs ResNeXt-50, BN vs GN
     python experiments/benchmark.py --suite=frozen    # frozen-head vs full training step
@@ -35,12 +38,16 @@ from cnn_arch import models
 from cnn_arch.ops import conv as fast_conv
 from cnn_arch.ops import memory
 
-CONVS = {'xla': lax.conv_general_dilated, 'fast': fast_conv.conv_general_dilated}
+# auto: cnn_arch.ops' per-backend default (fast op for 1x1 convolutions on CPU, else lax).
+CONVS = {'xla': lax.conv_general_dilated, 'fast': fast_conv.conv_general_dilated,
+         'auto': fast_conv.default_conv_general_dilated}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--suite', default='single', choices=('single', 'convs', 'layers', 'lecture', 'frozen'))
+  p.add_argument('--suite', default='single',
+                 choices=('single', 'convs', 'options', 'vs_torch', 'layers', 'lecture',
+                          'frozen'))
   p.add_argument('--model', default='resnet18')
   p.add_argument('--image_size', type=int, default=32)
   p.add_argument('--batch', type=int, default=128)
@@ -56,7 +63,24 @@ def parse_args(argv=None):
   p.add_argument('--malloc', default='keep', choices=('keep', 'default'),
                  help='keep: cnn_arch.ops.memory.keep_freed_memory() (no per-step page faults)')
   p.add_argument('--out', default=None, help='JSON-lines file to append results to')
-  return p.parse_args(argv)
+  p.add_argument('--xla_option', action='append', default=[], metavar='NAME=VALUE',
+                 help='XLA compile option (DebugOptions field) for every compile; repeatable. '
+                      'With --suite=options, the variant timed against the default options.')
+  args = p.parse_args(argv)
+  args.xla_options = xla_options(args.xla_option)
+  return args
+
+
+def xla_options(pairs):
+  """{'name': 'value'} from NAME=VALUE strings (an empty VALUE clears a repeated field)."""
+  options = {}
+  for pair in pairs:
+    name, sep, value = pair.partition('=')
+    if not sep or not name.startswith('xla_'):
+      raise ValueError(f'--xla_option {pair!r}: expected NAME=VALUE with an xla_* NAME, e.g. '
+                       'xla_cpu_experimental_ynn_fusion_type=')
+    options[name] = value
+  return options
 
 
 def timed(fn, *args, steps):
@@ -76,10 +100,10 @@ def matmul_ceiling(n=4096, steps=5):
   return 2 * n ** 3 / timed(jax.jit(lambda a: a @ a), a, steps=steps) / 1e9
 
 
-def compile_fn(fn, *args):
+def compile_fn(fn, *args, options=None):
   """(compiled, seconds to lower+compile, XLA flop count) of jax.jit(fn) at args."""
   t = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn).lower(*args).compile(compiler_options=options or None)
   seconds = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -107,8 +131,9 @@ def optimizer(params, stage_names, frozen):
                                 'frozen': optax.set_to_zero()}, labels)
 
 
-def setup_jax(args, *, model_name=None, norm=None, conv=None, frozen=None):
+def setup_jax(args, *, model_name=None, norm=None, conv=None, frozen=None, options=None):
   """Compiles the train step and the forward pass; returns them with their inputs and costs."""
+  options = args.xla_options if options is None else options
   model_name, norm = model_name or args.model, norm or args.norm
   conv, frozen = conv or args.conv, args.freeze_depth if frozen is None else frozen
   opts = dict(norm=norm, width=args.width, conv_general_dilated=CONVS[conv])
@@ -122,11 +147,14 @@ def setup_jax(args, *, model_name=None, norm=None, conv=None, frozen=None):
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   tx = optimizer(params, model.stage_names, frozen)
   state = (params, batch_stats, tx.init(params))
-  step, compile_s, step_flops = compile_fn(make_train_step(model, tx, frozen), *state, x, y)
-  fwd, _, fwd_flops = compile_fn(lambda v, x: model.apply(v, x, train=False), variables, x)
+  step, compile_s, step_flops = compile_fn(make_train_step(model, tx, frozen), *state, x, y,
+                                           options=options)
+  fwd, _, fwd_flops = compile_fn(lambda v, x: model.apply(v, x, train=False), variables, x,
+                                 options=options)
   info = dict(framework='jax', model=model_name, norm=norm, conv=conv, frozen=frozen,
               batch=args.batch, image_size=args.image_size, width=args.width,
               cifar_stem=args.cifar_stem, backend=jax.default_backend(), compile_s=compile_s,
+              xla_options=options,
               macs_per_image=fwd_flops / 2 / args.batch)
   return dict(info=info, train=(step, (*state, x, y)), infer=(fwd, (variables, x)),
               flops={'train': step_flops, 'infer': fwd_flops})
@@ -145,25 +173,40 @@ def bench_jax(args, *, infer=True, **kw):
   return result
 
 
-def run_convs(args):
-  """Plain XLA vs cnn_arch.ops convolution in one process, timings interleaved round by round
-  (so both see the same machine load); reports medians and the median per-round speed-up."""
-  setups = {conv: setup_jax(args, conv=conv) for conv in CONVS}
-  times = {(conv, kind): [] for conv in CONVS for kind in ('train', 'infer')}
+def run_interleaved(args, setups, suite, label):
+  """Times the setups (name -> setup_jax result; the first is the reference) round by round, so
+  all see the same machine load; reports medians and the median per-round speed-up."""
+  times = {(name, kind): [] for name in setups for kind in ('train', 'infer')}
   for _ in range(args.steps):
     for kind in ('train', 'infer'):
-      for conv, s in setups.items():
+      for name, s in setups.items():
         fn, fn_args = s[kind]
-        times[conv, kind].append(timed(fn, *fn_args, steps=1))
-  result = dict(setups['xla']['info'], suite='convs', conv='xla vs fast', rounds=args.steps,
-                malloc=args.malloc)
-  for (conv, kind), ts in times.items():
-    result[f'{conv}_{kind}_img_s'] = args.batch / float(np.median(ts))
+        times[name, kind].append(timed(fn, *fn_args, steps=1))
+  ref, other = list(setups)
+  result = dict(setups[ref]['info'], suite=suite, rounds=args.steps, malloc=args.malloc, **label)
+  for (name, kind), ts in times.items():
+    result[f'{name}_{kind}_img_s'] = args.batch / float(np.median(ts))
   for kind in ('train', 'infer'):
-    ratio = np.array(times['xla', kind]) / np.array(times['fast', kind])
+    ratio = np.array(times[ref, kind]) / np.array(times[other, kind])
     result[f'{kind}_speedup'] = float(np.median(ratio))
   result['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   emit(result, args.out)
+
+
+def run_convs(args):
+  """Plain XLA vs --conv (fast if --conv=xla) convolution (whole step, one process, interleaved)."""
+  other = 'fast' if args.conv == 'xla' else args.conv
+  setups = {conv: setup_jax(args, conv=conv) for conv in ('xla', other)}
+  run_interleaved(args, setups, 'convs', dict(conv=f'xla vs {other}'))
+
+
+def run_options(args):
+  """Default XLA compile options vs --xla_option (whole step, one process, interleaved)."""
+  if not args.xla_options:
+    raise ValueError('--suite=options needs at least one --xla_option=NAME=VALUE to compare.')
+  setups = {'default': setup_jax(args, options={}),
+            'options': setup_jax(args, options=args.xla_options)}
+  run_interleaved(args, setups, 'options', dict(xla_options=args.xla_options))
 
 
 def torch_model(name, num_classes, cifar_stem, norm):
@@ -178,8 +221,8 @@ def torch_model(name, num_classes, cifar_stem, norm):
   return net
 
 
-def bench_torch(args, *, model_name=None, norm=None, frozen=None):
-  """PyTorch eager train/inference images/s of the same network (2 threads, channels-last)."""
+def setup_torch(args, *, model_name=None, norm=None, frozen=None):
+  """(train_step, infer, info) closures of the torchvision model (2 threads, channels-last)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(2)
   model_name, norm = model_name or args.model, norm or args.norm
@@ -206,19 +249,53 @@ def bench_torch(args, *, model_name=None, norm=None, frozen=None):
     for name in sum(stages, []):
       getattr(net, name).eval()
 
-  def median_s(fn):
-    fn()
-    times = []
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-  return dict(framework='torch', torch_version=torch.__version__, model=model_name, norm=norm,
+  info = dict(framework='torch', torch_version=torch.__version__, model=model_name, norm=norm,
               frozen=frozen, batch=args.batch, image_size=args.image_size,
-              train_img_s=args.batch / median_s(train_step),
-              infer_img_s=args.batch / median_s(infer), threads=torch.get_num_threads())
+              threads=torch.get_num_threads())
+  return train_step, infer, info
+
+
+def median_s(fn, steps):
+  """Median wall time of `steps` calls of fn() after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def bench_torch(args, *, model_name=None, norm=None, frozen=None):
+  """PyTorch eager train/inference images/s of the same network (2 threads, channels-last)."""
+  train_step, infer, info = setup_torch(args, model_name=model_name, norm=norm, frozen=frozen)
+  return dict(info, train_img_s=args.batch / median_s(train_step, args.steps),
+              infer_img_s=args.batch / median_s(infer, args.steps))
+
+
+def run_vs_torch(args):
+  """JAX (--conv, --xla_option) vs PyTorch training step, one process, interleaved round by
+  round (one warm call each), so both see the same load; reports medians and the median
+  per-round JAX/PyTorch speed ratio (> 1: JAX faster)."""
+  s = setup_jax(args)
+  fn, fn_args = s['train']
+  torch_step, _, _ = setup_torch(args)
+  jax.block_until_ready(fn(*fn_args))
+  torch_step()
+  times = {'jax': [], 'torch': []}
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*fn_args))
+    times['jax'].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    torch_step()
+    times['torch'].append(time.perf_counter() - t)
+  result = dict(s['info'], suite='vs_torch', rounds=args.steps, malloc=args.malloc,
+                jax_train_img_s=args.batch / float(np.median(times['jax'])),
+                torch_train_img_s=args.batch / float(np.median(times['torch'])),
+                jax_over_torch_speed=float(np.median(np.array(times['torch']) /
+                                                     np.array(times['jax']))))
+  emit(result, args.out)
 
 
 def emit(result, out):
@@ -260,7 +337,8 @@ def run_lecture(args):
     emit(r, args.out)
   t = lambda k: 1 / res[k]['train_img_s']
   summary = dict(suite='lecture', framework='jax', conv=args.conv, batch=args.batch,
-                 image_size=args.image_size, resnext_over_resnet_time=t('resnext50') / t('resnet50'),
+                 image_size=args.image_size,
+                 resnext_over_resnet_time=t('resnext50') / t('resnet50'),
                  macs_ratio=res['resnext50']['macs_per_image'] / res['resnet50']['macs_per_image'],
                  gn_over_bn_time=t('resnet50_gn') / t('resnet50'))
   if args.torch:
@@ -282,38 +360,44 @@ RESNET18_CIFAR_LAYERS = (
     ('stage4/down1x1', 8, 256, 512, 1, 2), ('stage4', 4, 512, 512, 3, 1))
 
 
-def layer_fns(conv, k, s):
-  """Jitted forward, input-gradient and weight-gradient functions of one convolution."""
+def layer_fns(conv, k, s, x, w, g, options=None):
+  """Compiled forward, input-gradient and weight-gradient functions of one convolution."""
   p = k // 2
   f = lambda x, w: conv(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return {'fwd': jax.jit(f),
-          'dx': jax.jit(lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g)[0]),
-          'dw': jax.jit(lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g)[0])}
+  fns = {'fwd': lambda x, w: f(x, w),
+         'dx': lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g)[0],
+         'dw': lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g)[0]}
+  return {part: compile_fn(fn, x, w, *((g,) if part != 'fwd' else ()), options=options)[0]
+          for part, fn in fns.items()}
 
 
 def run_layers(args):
-  """Per-layer forward / input-gradient / weight-gradient time, plain XLA vs cnn_arch.ops.
+  """Per-layer forward / input-gradient / weight-gradient time, plain XLA vs cnn_arch.ops, and
+  with --xla_option also both under those compile options ('xla+opt', 'fast+opt').
 
-  The two are interleaved and each reported time is the minimum over 3 rounds of the median of
-  --steps calls, the most load-robust statistic on a shared machine.
+  The variants are interleaved and each reported time is the minimum over 3 rounds of the
+  median of --steps calls, the most load-robust statistic on a shared machine.
   """
+  variants = {conv: (fn, {}) for conv, fn in CONVS.items() if conv != 'auto'}
+  if args.xla_options:
+    variants.update({f'{conv}+opt': (fn, args.xla_options) for conv, fn in CONVS.items()
+                     if conv != 'auto'})
   for name, size, cin, cout, k, s in RESNET18_CIFAR_LAYERS:
     x = jax.random.normal(jax.random.key(0), (args.batch, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / np.sqrt(k * k * cin)
     g = jax.random.normal(jax.random.key(2), (args.batch, -(-size // s), -(-size // s), cout))
-    fns = {conv: layer_fns(fn, k, s) for conv, fn in CONVS.items()}
+    fns = {v: layer_fns(fn, k, s, x, w, g, opts) for v, (fn, opts) in variants.items()}
     best = {}
     for _ in range(3):
-      for conv, parts in fns.items():
+      for v, parts in fns.items():
         for part, fn in parts.items():
           t = timed(fn, x, w, *((g,) if part != 'fwd' else ()), steps=args.steps)
-          best[conv, part] = min(best.get((conv, part), np.inf), t)
+          best[v, part] = min(best.get((v, part), np.inf), t)
     gflop = 2 * g.size * k * k * cin / 1e9
     result = dict(suite='layers', layer=name, shape=f'{size}x{size}x{cin}->{cout} k{k} s{s}',
-                  batch=args.batch, gflop=gflop)
-    for (conv, part), t in best.items():
-      result[f'{conv}_{part}_ms'] = 1e3 * t
-      result[f'{conv}_{part}_gflop_s'] = gflop / t
+                  batch=args.batch, gflop=gflop, xla_options=args.xla_options)
+    for (v, part), t in best.items():
+      result[f'{v}_{part}_ms'] = 1e3 * t
     emit(result, args.out)
 
 
@@ -321,7 +405,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.malloc == 'keep':
     memory.keep_freed_memory()
-  suites = {'single': run_single, 'convs': run_convs, 'layers': run_layers, 'frozen': run_frozen,
+  suites = {'single': run_single, 'convs': run_convs, 'options': run_options,
+            'vs_torch': run_vs_torch, 'layers': run_layers, 'frozen': run_frozen,
             'lecture': run_lecture}
   suites[args.suite](args)
 

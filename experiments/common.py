@@ -68,12 +68,16 @@ def _key(*parts) -> str:
 
 
 def programs(s, config: ConfigDict):
-  """The jitted trainer steps for this program shape, compiled once per process."""
+  """The jitted trainer steps for this program shape, compiled once per process.
+
+  Built exactly as `train_and_evaluate` builds them (the state is donated), so a source run and
+  target runs of the same shape share one entry of the persistent compilation cache.
+  """
   key = _key(config.model, config.optim, config.finetune.freeze_depth, config.train.batch_size,
              config.train.eval_batch_size, s.image_size, s.total_steps, s.steps_per_epoch,
              s.model_meta['num_classes'])
   if key not in _PROGRAMS:
-    _PROGRAMS[key] = train.parallel_steps(s, config, donate=False)
+    _PROGRAMS[key] = train.parallel_steps(s, config, donate=True)
   return _PROGRAMS[key]
 
 

@@ -25,6 +25,7 @@ from cnn_arch import checkpoint, input_pipeline, models
 from experiments import common
 
 NAME = 'features_l2'
+_EMBED = {}  # model -> jitted pre-logit embedding
 
 
 def squared_distances(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -101,10 +102,16 @@ def split_arrays(data: ConfigDict, split: str, batch: int = 256) -> tuple[np.nda
 
 
 def embed(model, variables: dict, images: np.ndarray, batch: int = 256) -> np.ndarray:
-  """Pre-logit features [N, D] of `images` in inference mode."""
-  fn = jax.jit(lambda v, x: model.apply(v, x, train=False, features=True)[1]['pre_logits'])
-  return np.concatenate([np.asarray(fn(variables, images[i:i + batch]))
-                         for i in range(0, len(images), batch)])
+  """Pre-logit features [N, D] of `images` in inference mode (fixed batch: one compile)."""
+  fn = _EMBED.setdefault(model, jax.jit(
+      lambda v, x: model.apply(v, x, train=False, features=True)[1]['pre_logits']))
+  out = []
+  for i in range(0, len(images), batch):
+    chunk = images[i:i + batch]
+    padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
+                                              chunk.dtype)])
+    out.append(np.asarray(fn(variables, padded))[:len(chunk)])
+  return np.concatenate(out)
 
 
 def networks(cfg, out: str, image_size: int) -> dict[str, tuple]:
@@ -151,6 +158,20 @@ def table(results: dict) -> str:
     lines.append(f'| {name} | {r["dims"]} | {100 * r["knn_top1"]:.1f} | '
                  f'{100 * r["probe_top1"]:.1f} |')
   return '\n'.join(lines)
+
+
+def finding(results: dict) -> str:
+  """Whether pretrained features beat random ones, for k-NN and for the probe, in words."""
+  if not {'pretrained', 'random'} <= set(results):
+    return ''
+  p, r = results['pretrained'], results['random']
+  parts = []
+  for key, what in (('knn_top1', f'{p["k"]}-NN'), ('probe_top1', 'the linear probe')):
+    diff = 100 * (p[key] - r[key])
+    parts.append(f'{what} is {abs(diff):.1f} points {"better" if diff > 0 else "worse"} with '
+                 'pretrained than with random features')
+  text = '; '.join(parts)
+  return text[0].upper() + text[1:] + '.'
 
 
 def grid(queries, query_labels, keys, key_labels, shown: dict, info, path: str):

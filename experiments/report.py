@@ -23,7 +23,9 @@ def _freeze(out: str, figures: str) -> list[str]:
   order = sorted(best, key=lambda n: n or 10**9)
   trend = ', '.join(f'{counts[n]} examples: depth {best[n]}' for n in order)
   depths = [best[n] for n in order]
-  if depths == sorted(depths, reverse=True) and depths[0] > depths[-1]:
+  if len(depths) < 2:
+    verdict = 'one target size only, so no trend'
+  elif depths == sorted(depths, reverse=True) and depths[0] > depths[-1]:
     verdict = ('the best depth falls as the target set grows, as the lecture\'s rule says '
                '(fewer examples: freeze more)')
   elif len(set(depths)) == 1:
@@ -52,7 +54,8 @@ def _features(out: str, figures: str) -> list[str]:
   base = os.path.join(out, features_l2.NAME)
   results = common.read_json(os.path.join(base, 'results.json'))
   grid = os.path.join(base, 'knn_grid.png')
-  lines = ['## 3. Features in L2 space', '', features_l2.table(results), '']
+  lines = ['## 3. Features in L2 space', '', features_l2.table(results), '',
+           features_l2.finding(results), '']
   if os.path.exists(grid):
     _copy(grid, os.path.join(figures, 'knn_grid.png'))
     lines += ['Nearest training images (L2, pre-logit features) of test images; green titles: '

@@ -1,7 +1,8 @@
 """Pretraining vs training from scratch at several schedule lengths (He, Girshick & Dollar,
 "Rethinking ImageNet Pre-training", ICCV 2019).
 
-    python -m experiments.scratch_vs_pretrained --config=configs/experiments/digits.py --out=results/
+    python -m experiments.scratch_vs_pretrained --config=configs/experiments/digits.py \
+        --out=results/
 
 He et al. find that a network trained from scratch catches up with a fine-tuned pretrained one
 when the schedule is long enough (and normalisation does not depend on large batches: they use

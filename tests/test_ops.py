@@ -138,11 +138,65 @@ def test_flax_conv_with_fast_op_matches_plain_flax_conv():
     _assert_close(a, b)
 
 
-def test_default_dispatch_uses_fast_op_only_on_cpu():
-  x, kernel = _inputs(1, 5, 5, 2, 2, 3, 1)
-  fn = _conv(ops_conv.default_conv_general_dilated, 1, ((1, 1), (1, 1)), 1)
-  jaxpr = str(jax.make_jaxpr(fn)(x, kernel))
-  assert ('custom_vjp' in jaxpr) == (jax.default_backend() == 'cpu')
+def test_default_dispatch_uses_fast_op_only_for_grouped_and_1x1_on_cpu():
+  x, _ = _inputs(1, 6, 6, 2, 2, 1, 1)
+  on_cpu = jax.default_backend() == 'cpu'
+  for k, s, groups, want_fast in [(1, 2, 1, on_cpu), (1, 1, 1, on_cpu), (3, 1, 1, False),
+                                  (3, 2, 1, False), (3, 1, 2, on_cpu), (3, 2, 2, on_cpu)]:
+    kernel = jnp.ones((k, k, 2 // groups, 4), jnp.float32)
+    fn = _conv(ops_conv.default_conv_general_dilated, s, ((k // 2, k // 2),) * 2, groups)
+    jaxpr = str(jax.make_jaxpr(fn)(x, kernel))
+    assert ('custom_vjp' in jaxpr) == want_fast, (k, s, groups)
+  nchw = jnp.transpose(x, (0, 3, 1, 2))  # unsupported layout: lax even for 1x1
+  jaxpr = str(jax.make_jaxpr(lambda a, b: ops_conv.default_conv_general_dilated(
+      a, b, (1, 1), 'VALID'))(nchw, jnp.ones((4, 2, 1, 1))))
+  assert 'custom_vjp' not in jaxpr
+
+
+def test_eigen_cpu_flag_is_added_once_and_never_over_a_user_setting():
+  add = lambda env, version='0.10.2': ops_conv.use_eigen_cpu_convolutions(env, version)
+  env = {}
+  assert add(env) and env['XLA_FLAGS'] == ops_conv.CPU_XLA_FLAG
+  assert not add(env) and env['XLA_FLAGS'] == ops_conv.CPU_XLA_FLAG
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  assert add(env)
+  assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {ops_conv.CPU_XLA_FLAG}'
+  user = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'}
+  assert not add(user)
+  assert user['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'
+  untested = {}
+  assert not add(untested, '0.11.0') and untested == {}  # unknown flags abort XLA
+
+
+def test_importing_ops_moves_cpu_convolutions_off_ynnpack():
+  """In a fresh process, `import cnn_arch.ops` makes the default compile of a weight gradient
+  identical to one compiled with YNNPACK turned off (and different from YNNPACK's)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu' or not jax.__version__.startswith('0.10.'):
+    pytest.skip('the flag is CPU-only and pinned to jaxlib 0.10')
+  code = """
+import jax, jax.numpy as jnp
+from jax import lax
+import cnn_arch.ops
+f = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g)[0])
+x = jax.random.normal(jax.random.key(0), (4, 12, 12, 32))
+g = jax.random.normal(jax.random.key(1), (4, 12, 12, 32))
+w = jnp.ones((3, 3, 32, 32))
+run = lambda t: dw.lower(x, w, g).compile(
+    compiler_options={'xla_cpu_experimental_ynn_fusion_type': t} if t is not None else None)(x, w, g)
+ref = run(None)
+print(bool((ref == run('')).all()),
+      bool((ref == run('LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')).all()))
+"""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       cwd=pathlib.Path(__file__).parents[1], timeout=120, check=True)
+  assert out.stdout.split()[-2:] == ['True', 'False']
 
 
 def test_benchmark_smoke_and_frozen_step_moves_only_the_head(tmp_path):

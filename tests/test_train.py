@@ -162,8 +162,9 @@ import sys, jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 from tests.test_train import tiny_config, run_steps
 assert jax.device_count() == int(sys.argv[2])
-_, _, state = run_steps(tiny_config(), 3)
-np.savez(sys.argv[3], *jax.tree.leaves((state.params, state.batch_stats)))
+_, before, after = run_steps(tiny_config(), 2)
+leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats))
+np.savez(sys.argv[3], before=np.array(leaves(before), object), after=np.array(leaves(after), object))
 '''
 
 
@@ -173,11 +174,11 @@ def test_one_and_four_devices_reach_the_same_parameters(tmp_path):
     env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
     subprocess.run([sys.executable, '-c', FOUR_DEVICES, ROOT, str(n), str(tmp_path / f'{n}.npz')],
                    check=True, env=env, cwd=ROOT)
-    out[n] = np.load(tmp_path / f'{n}.npz')
-  for key in out[1].files:
-    np.testing.assert_allclose(out[1][key], out[4][key], rtol=1e-3, atol=1e-4)
-
-
+    out[n] = np.load(tmp_path / f'{n}.npz', allow_pickle=True)
+  for start, one, four in zip(out[1]['before'], out[1]['after'], out[4]['after']):
+    # Equal up to float summation order: well under 1% of what two steps changed.
+    moved = np.abs(one - start).max()
+    assert np.abs(one - four).max() <= 1e-2 * moved + 1e-6
 def test_unknown_config_key_is_named(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'cnn_arch.main', '--config=configs/resnet.py',

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnn_arch.ops import conv as conv_ops
+
 NORMS = ('batch', 'group', 'none')
 HEAD = 'head'
 
@@ -39,12 +41,16 @@ def scaled(channels: int, width: float, multiple: int = 1) -> int:
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, *,
          groups: int = 1, use_bias: bool = False, dtype: Any = jnp.float32,
          conv_general_dilated: Callable | None = None, name: str | None = None) -> nn.Conv:
-  """A PyTorch-style convolution: symmetric explicit padding (default kernel // 2), HWIO kernel."""
+  """A PyTorch-style convolution: symmetric explicit padding (default kernel // 2), HWIO kernel.
+
+  `conv_general_dilated` defaults to `cnn_arch.ops`' per-backend choice (plain lax off CPU).
+  """
   p = kernel // 2 if padding is None else padding
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=conv_init,
-                 conv_general_dilated=conv_general_dilated, name=name)
+                 conv_general_dilated=conv_general_dilated or conv_ops.default_conv_general_dilated,
+                 name=name)
 
 
 def dense(features: int, *, dtype: Any = jnp.float32, name: str | None = None) -> nn.Dense:

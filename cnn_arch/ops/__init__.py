@@ -1,3 +1,10 @@
-"""Custom operations that make cnn_arch's models train fast where stock XLA kernels are slow."""
+"""Convolution kernels and settings for fast training where stock XLA kernels are slow.
 
-from cnn_arch.ops.conv import conv_general_dilated, default_conv_general_dilated
+`use_eigen_cpu_convolutions()` (called when `cnn_arch` is imported) makes XLA:CPU run
+convolutions on its Eigen kernels instead of YNNPACK, whose weight gradients were 2-5x slower on
+ResNet-18 (BENCHMARKS.md). `conv_general_dilated` is an exact custom-VJP convolution whose
+gradients are matrix products; models take it through their `conv_general_dilated` option.
+"""
+
+from cnn_arch.ops.conv import (CPU_XLA_FLAG, conv_general_dilated, default_conv_general_dilated,
+                               use_eigen_cpu_convolutions)

@@ -17,9 +17,15 @@ This op keeps XLA's forward convolution and replaces the backward pass (a `jax.c
 Both are exact reformulations (same sums, different order), so results match
 `lax.conv_general_dilated` to float32 rounding. Anything outside NHWC/HWIO layouts, 2-D,
 unit dilation and non-negative padding falls back to `lax.conv_general_dilated` unchanged.
+
+`use_eigen_cpu_convolutions` is the measured CPU fix: jaxlib 0.10's XLA:CPU hands every
+convolution, gradients included, to YNNPACK, whose weight-gradient kernel ran 2-2.5x slower than
+XLA's own Eigen convolution on ResNet-18's 3x3 layers (BENCHMARKS.md). It is an XLA flag, so it
+applies to the whole program and only to the CPU backend; GPU and TPU compiles never read it.
 """
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -60,11 +66,55 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def default_conv_general_dilated(*args, **kwargs):
-  """The convolution to train with on this backend: the matmul-backward op on CPU, plain
-  `lax.conv_general_dilated` on GPU/TPU (whose convolution gradients are already fast)."""
-  if jax.default_backend() == 'cpu':
+  """The convolution to train with on this backend (same signature as `lax`'s).
+
+  On CPU, grouped convolutions (ResNeXt) and 1x1 convolutions get the matmul-backward op:
+  XLA:CPU's grouped-convolution gradients are pathologically slow (jax-ml/jax#13800; 33x slower
+  than this op on a ResNeXt-50 stage-3 layer here), and a 1x1 weight gradient is one matrix
+  product (1.3-2x faster than Eigen's kernel). Every other convolution, and every convolution on
+  GPU/TPU, is plain `lax.conv_general_dilated`: the per-tap 3x3 backward lost to XLA's on the
+  whole step (BENCHMARKS.md).
+  """
+  if jax.default_backend() == 'cpu' and _takes_fast_path(*args, **kwargs):
     return conv_general_dilated(*args, **kwargs)
   return lax.conv_general_dilated(*args, **kwargs)
+
+
+def _takes_fast_path(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                     precision=None, preferred_element_type=None):
+  """Whether the fast op covers this convolution and it is grouped or its kernel is 1x1."""
+  spec = _fast_spec(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                    preferred_element_type)
+  return spec is not None and (feature_group_count > 1 or rhs.shape[:2] == (1, 1))
+
+
+# Removes only the convolution type from YNNPACK's fusions; its matmuls stay on.
+CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+# XLA aborts on an unknown XLA_FLAGS entry, so the (experimental) flag is only added on the
+# jaxlib line it was measured and tested on; re-measure before widening this.
+_FLAG_JAXLIB_PREFIX = '0.10.'
+
+
+def use_eigen_cpu_convolutions(environ=None, jaxlib_version=None) -> bool:
+  """Adds `CPU_XLA_FLAG` to XLA_FLAGS unless the YNNPACK fusion option is already set there.
+
+  XLA reads XLA_FLAGS once, when JAX creates its CPU backend, so call this before the first
+  computation (`cnn_arch.ops` calls it on import). Returns True if it added the flag. To keep
+  XLA's default, set `--xla_cpu_experimental_ynn_fusion_type=` to what you want in XLA_FLAGS
+  yourself (an explicit setting is never overridden).
+  """
+  environ = os.environ if environ is None else environ
+  if jaxlib_version is None:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    jaxlib_version = jaxlib.__version__
+  flags = environ.get('XLA_FLAGS', '')
+  if ('xla_cpu_experimental_ynn_fusion_type' in flags
+      or not jaxlib_version.startswith(_FLAG_JAXLIB_PREFIX)):
+    return False
+  environ['XLA_FLAGS'] = f'{flags} {CPU_XLA_FLAG}'.strip()
+  return True
 
 
 def _fast_spec(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -108,10 +158,22 @@ def _conv_fn(spec: _Spec):
 
   def bwd(res, g):
     x, w = res
-    return _input_grad(spec, g, w, x.shape), _weight_grad(spec, x, g, w.shape)
+    return (_invariant_like(_input_grad(spec, g, w, x.shape), x),
+            _invariant_like(_weight_grad(spec, x, g, w.shape), w))
 
   conv.defvjp(fwd, bwd)
   return conv
+
+
+def _invariant_like(cotangent, primal):
+  """Inside shard_map, sums a cotangent over the mesh axes its primal is replicated over.
+
+  That is JAX's own transpose rule for a replicated input (e.g. the weights under data
+  parallelism), which a custom VJP must apply itself: the per-device weight gradients add up.
+  """
+  varying = lambda v: jax.typeof(v).manual_axis_type.varying
+  axes = tuple(sorted(varying(cotangent) - varying(primal)))
+  return lax.psum(cotangent, axes) if axes else cotangent
 
 
 def _forward(spec: _Spec, x, w):
