@@ -98,21 +98,23 @@ def table(rows: list[dict]) -> str:
 
 
 def resnext_finding(rows: list[dict]) -> str:
-  """Time per MAC of ResNeXt relative to the plain ResNet of the same depth, in words."""
-  by_name = {r['model'].split('[')[0]: r for r in rows if '[' not in r['model']}
-  pairs = [(x, r) for x, r in (('resnext50_32x4d', 'resnet50'), ('resnext101_32x8d', 'resnet101'))
-           if x in by_name and r in by_name]
+  """Time per MAC of ResNeXt relative to the plain ResNet of the same depth and width, in words."""
+  by_name = {(r['model'].split('[')[0], r['width']): r for r in rows}
+  depths = (('resnext50_32x4d', 'resnet50'), ('resnext101_32x8d', 'resnet101'))
+  pairs = [(x, r, w) for x, r in depths
+           for name, w in by_name if name == x and (r, w) in by_name]
   if not pairs:
-    return 'No ResNeXt/ResNet pair of equal depth was measured.'
-  x, r = (by_name[n] for n in pairs[0])
+    return 'No ResNeXt/ResNet pair of equal depth and width was measured.'
+  name_x, name_r, width = pairs[0]
+  x, r = by_name[name_x, width], by_name[name_r, width]
   per_mac = {k: (x['macs'] / x[k]) / (r['macs'] / r[k]) for k in ('train_img_s', 'infer_img_s')}
-  ratio = x['macs'] / r['macs']
-  verdict = ('slower' if min(per_mac.values()) > 1.0 else 'not slower')
+  verdict = 'slower' if min(per_mac.values()) > 1.0 else 'not slower'
   within = all(1.5 <= v <= 2.0 for v in per_mac.values())
-  return (f'{pairs[0][0]} has {ratio:.2f}x the MACs of {pairs[0][1]} at this width; per MAC it '
-          f'trains {per_mac["train_img_s"]:.1f}x and infers {per_mac["infer_img_s"]:.1f}x as '
-          f'slowly on this machine ({x.get("backend", "?")}), so ResNeXt is {verdict} at equal '
-          f'MACs; the lecture\'s 1.5-2x range {"holds" if within else "does not hold"} here.')
+  return (f'At width {width}, {name_x} has {x["macs"] / r["macs"]:.2f}x the MACs of {name_r}; '
+          f'per MAC it takes {per_mac["train_img_s"]:.2f}x the training time and '
+          f'{per_mac["infer_img_s"]:.2f}x the inference time of {name_r} on this machine '
+          f'({x.get("backend", "?")}), so ResNeXt is {verdict} at equal MACs here; the lecture\'s '
+          f'1.5-2x {"holds" if within else "does not hold"} on this machine.')
 
 
 if __name__ == '__main__':

@@ -127,9 +127,15 @@ def _arch_row(model, macs, train, infer):
 def test_resnext_finding_normalises_by_macs():
   rows = [_arch_row('resnet50', 2e6, 100.0, 400.0), _arch_row('resnext50_32x4d', 1e6, 25.0, 100.0)]
   text = arch_compare.resnext_finding(rows)
-  assert '0.50x the MACs' in text and 'trains 2.0x and infers 2.0x as slowly' in text
-  assert 'is slower at equal MACs' in text and 'range holds' in text
+  assert '0.50x the MACs' in text
+  assert '2.00x the training time and 2.00x the inference time' in text
+  assert 'is slower at equal MACs' in text and '1.5-2x holds' in text
+  rows[1]['train_img_s'] = rows[1]['infer_img_s'] = 400.0  # as fast per image: 0.5x per MAC
+  assert 'not slower' in arch_compare.resnext_finding(rows)
+  assert 'does not hold' in arch_compare.resnext_finding(rows)
   assert 'No ResNeXt' in arch_compare.resnext_finding(rows[:1])
+  wider = dict(rows[1], width=1.0)  # a pair must share the width
+  assert 'No ResNeXt' in arch_compare.resnext_finding([rows[0], wider])
 
 
 def test_report_renders_from_fake_result_files(tmp_path):
@@ -154,7 +160,7 @@ def test_report_renders_from_fake_result_files(tmp_path):
   assert 'Best depth by target size: 25 examples: depth 1, 250 examples: depth 0' in text
   assert 'falls as the target set grows' in text
   assert 'scratch catches up with pretraining by 2x' in text
-  assert 'trains 2.5x and infers 2.0x as slowly' in text
+  assert '2.50x the training time and 2.00x the inference time' in text
   for figure in ('freeze_sweep.png', 'scratch_vs_pretrained.png'):
     assert f'(figures/{figure})' in text
     with open(os.path.join(out, 'figures', figure), 'rb') as f:
