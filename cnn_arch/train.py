@@ -19,13 +19,11 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from cnn_arch import checkpoint, freeze, input_pipeline, models, reporting, rundir
-from cnn_arch.train_setup import Setup, make_setup, load_init_from
-
-AXIS = 'batch'
+from cnn_arch.train_setup import AXIS, Setup, load_init_from, make_setup
 
 
 class TrainState(flax.struct.PyTreeNode):
