@@ -1,8 +1,9 @@
-"""The configuration schema shared by every `configs/*.py` file, and its validation.
+"""The configuration schema shared by every `configs/*.py` file, and its real-data variants.
 
 `base()` holds every hyperparameter the trainer reads, with defaults that run on the embedded
-offline `digits` dataset; the family config files change what differs. `validate` checks a
-config against the model and dataset before anything is compiled, so a bad value costs seconds.
+offline `digits` dataset; the family config files change what differs, and `variant` applies a
+`--config=configs/X.py:VARIANT` preset. `train_setup.make_setup` checks a config against the model
+and dataset before anything is compiled, so a bad value costs seconds.
 """
 
 from ml_collections import ConfigDict  # re-exported for configs/*.py
