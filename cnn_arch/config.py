@@ -74,6 +74,11 @@ def base() -> ConfigDict:
   c.finetune = ConfigDict()
   c.finetune.init_from = ''  # A run's workdir or a `cnn_arch.convert` output directory.
   c.finetune.freeze_depth = 0  # Freeze the first k stages; the largest k trains only the head.
+  # Run the frozen stages once over the data and train on their stored output (needs
+  # data.augment=False): 'auto' when it fits in cache_max_mb of host memory, 'on' (else an
+  # error), 'off'. See cnn_arch.feature_cache.
+  c.finetune.cache_features = 'auto'
+  c.finetune.cache_max_mb = 4096
 
   c.checkpoint = ConfigDict()
   c.checkpoint.every_steps = 200

@@ -190,12 +190,14 @@ def _numpy(ds: tf.data.Dataset, spec: datasets.Spec) -> Iterator[dict[str, np.nd
                      f'or convert files that are not PNG/JPEG images.') from e
 
 
-def train_batches(data_cfg, *, global_batch_size: int, seed: int,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  images: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Infinite stream of this host's {'image': f32 [B, H, W, 3], 'label': i32 [B]} training batches.
 
   B = global_batch_size // process_count. Batch `start_step` is the batch an uninterrupted stream
   yields at that step; skipped examples are not augmented (and, cached, not decoded again).
+  `images=False` yields {'index', 'label'} instead: the same examples, by their view index, for
+  a trainer that looks their features up (`cnn_arch.feature_cache`).
   """
   spec, info = datasets.spec_of(data_cfg), get_info(data_cfg)
   local = _local_batch(global_batch_size)
@@ -220,32 +222,39 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int,
 
   first_epoch, step_in_epoch = divmod(start_step, per_epoch)
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(step_in_epoch * local)
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  if images:
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = ds.map(lambda ex: {'index': ex['index'], 'label': ex['label']})
   return _numpy(ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE), spec)
 
 
-def eval_batches(data_cfg, *, global_batch_size: int,
-                 split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(data_cfg, *, global_batch_size: int, split: str | None = None,
+                 train_view: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """This host's examples of `split` (default data.eval_split) once each, in padded batches.
 
   Yields {'image', 'label', 'mask'}; `mask` is float32, 0 for padding. Every host yields the same
   number of batches (the largest host share, rounded up), as the trainer's collectives need.
+  `train_view=True` reads the training view of `split` (data.per_class/fraction applied), still
+  without augmentation, and adds each example's view 'index' (as `train_batches` yields it).
   """
   spec, split = datasets.spec_of(data_cfg), split or data_cfg.eval_split
   local = _local_batch(global_batch_size)
   prep = _prep(data_cfg, datasets.prepared_builder(spec))
   hosts = jax.process_count()
-  largest_share = -(-datasets.count(spec, split, False) // hosts)
+  largest_share = -(-datasets.count(spec, split, train_view) // hosts)
   num_batches = -(-largest_share // local)
-  base = datasets.host_examples(spec, split, False, jax.process_index(), hosts)
-  ds = base.map(lambda ex: {'image': _eval_image(ex['image'], prep), 'label': ex['label']},
+  base = datasets.host_examples(spec, split, train_view, jax.process_index(), hosts)
+  keys = ('image', 'label', 'index') if train_view else ('image', 'label')
+  ds = base.map(lambda ex: {k: _eval_image(ex[k], prep) if k == 'image' else ex[k] for k in keys},
                 num_parallel_calls=tf.data.AUTOTUNE)
   batches = _numpy(ds.batch(local).prefetch(tf.data.AUTOTUNE), spec)
+  empty = {'image': np.zeros([0, prep.size, prep.size, 3], np.float32),
+           'label': np.zeros([0], np.int32), 'index': np.zeros([0], np.int64)}
   for _ in range(num_batches):
-    batch = next(batches, None) or {'image': np.zeros([0, prep.size, prep.size, 3], np.float32),
-                                    'label': np.zeros([0], np.int32)}
+    batch = next(batches, None) or {k: empty[k] for k in keys}
     n = len(batch['label'])
-    yield {'image': _pad(batch['image'], local), 'label': _pad(batch['label'], local),
+    yield {**{k: _pad(batch[k], local) for k in keys},
            'mask': (np.arange(local) < n).astype(np.float32)}
 
 

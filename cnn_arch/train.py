@@ -4,9 +4,12 @@ The step is the pmap model written with the current API: `jax.shard_map` over a 
 of every device of every host runs one per-device program; gradients, BatchNorm statistics and
 metrics are averaged over the named batch axis `AXIS`. The same code serves 1 CPU, 8 GPUs and
 a multi-host pod. Fine-tuning follows the lecture: load a pretrained backbone, re-initialise the
-head when the class count differs, freeze the first k stages (`cnn_arch.freeze`).
+head when the class count differs, freeze the first k stages (`cnn_arch.freeze`); with
+augmentation off, the frozen stages run once and the steps train on their cached outputs
+(`cnn_arch.feature_cache`).
 """
 
+import collections
 import functools
 import os
 import time
@@ -22,7 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, freeze, input_pipeline, models, reporting, rundir
+from cnn_arch import checkpoint, feature_cache, freeze, input_pipeline, models, reporting, rundir
 from cnn_arch.train_setup import AXIS, Setup, load_init_from, make_setup
 
 
@@ -45,13 +48,17 @@ def _keep_frozen(new: dict, old: dict, frozen_keys: tuple) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen_keys: tuple,
-               num_classes: int, smoothing: float, aux_weight: float, skip_nonfinite: bool):
-  """One SGD step on this device's share of the batch; collectives average over `AXIS`."""
+               num_classes: int, smoothing: float, aux_weight: float, skip_nonfinite: bool,
+               start: int = 0):
+  """One SGD step on this device's share of the batch; collectives average over `AXIS`.
+
+  `start=k`: batch['image'] holds the outputs of the first k stages (cached features).
+  """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    out, updated = model.apply(variables, batch['image'], train=True, frozen=frozen,
+    out, updated = model.apply(variables, batch['image'], train=True, frozen=frozen, start=start,
                                mutable=['batch_stats'], rngs={'dropout': rng})
     logits, aux = out if isinstance(out, tuple) else (out, ())  # GoogLeNet's auxiliary heads
     # The global batch's mean loss. The parameters are replicated (invariant over AXIS), so
@@ -79,10 +86,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen
   return new, {**metrics, 'finite': finite}
 
 
-def eval_step(state: TrainState, batch: dict, *, model, num_classes: int):
+def eval_step(state: TrainState, batch: dict, *, model, num_classes: int, start: int = 0):
   """Sums of loss, top-1 and top-5 hits over the real (mask=1) examples of the global batch."""
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], train=False).astype(jnp.float32)
+                       batch['image'], train=False, start=start).astype(jnp.float32)
   mask = batch['mask'].astype(jnp.float32)
   loss = cross_entropy(logits, batch['label'], num_classes, 0.0)
   top5 = lax.top_k(logits, min(5, num_classes))[1] == batch['label'][:, None]
@@ -130,11 +137,10 @@ def abstract_state(s: Setup) -> TrainState:
                       jax.eval_shape(build))
 
 
-def evaluate(s: Setup, eval_fn, state: TrainState, config: ConfigDict) -> dict:
-  """Top-1/top-5/loss over every example of the evaluation split, each seen exactly once."""
+def evaluate(s: Setup, eval_fn, state: TrainState, batches) -> dict:
+  """Top-1/top-5/loss over every example of the evaluation `batches`, each seen exactly once."""
   totals = None
-  for batch in input_pipeline.eval_batches(config.data,
-                                           global_batch_size=config.train.eval_batch_size):
+  for batch in batches:
     sums = eval_fn(state, to_global(batch, s.batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = host_value(totals)
@@ -145,17 +151,30 @@ def evaluate(s: Setup, eval_fn, state: TrainState, config: ConfigDict) -> dict:
   return result
 
 
-def parallel_steps(s: Setup, config: ConfigDict, *, donate: bool = True):
-  """The data-parallel train and eval steps of this setup, with their static options bound."""
+def parallel_steps(s: Setup, config: ConfigDict, *, donate: bool = True, start: int = 0):
+  """The data-parallel train and eval steps of this setup, with their static options bound.
+
+  `start=k`: the steps take the outputs of the first k stages instead of images.
+  """
   num_classes = s.model_meta['num_classes']
   step_fn = data_parallel(functools.partial(
       train_step, model=s.model, tx=s.tx, frozen=config.finetune.freeze_depth,
       frozen_keys=s.frozen_keys, num_classes=num_classes, smoothing=config.optim.label_smoothing,
       aux_weight=config.optim.aux_loss_weight,
-      skip_nonfinite=config.train.on_nonfinite == 'skip'), s.mesh, donate=donate)
-  eval_fn = data_parallel(functools.partial(eval_step, model=s.model, num_classes=num_classes),
-                          s.mesh, donate=False)
+      skip_nonfinite=config.train.on_nonfinite == 'skip', start=start), s.mesh, donate=donate)
+  eval_fn = data_parallel(functools.partial(eval_step, model=s.model, num_classes=num_classes,
+                                            start=start), s.mesh, donate=False)
   return step_fn, eval_fn
+
+
+def _on_device(s: Setup, batches, first_step: int, ahead: int = 2):
+  """Checked global batches, `ahead` of them already sent to the devices while a step runs."""
+  queue = collections.deque()
+  for step, batch in enumerate(batches, first_step):
+    _check_labels(batch, s.model_meta['num_classes'], step)
+    queue.append(to_global(batch, s.batch_sharding))
+    if len(queue) > ahead:
+      yield queue.popleft()
 
 
 def _check_labels(batch: dict, num_classes: int, step: int):
@@ -203,28 +222,36 @@ def train_and_evaluate(config: ConfigDict, workdir: str, on_config_change: str =
   start = int(host_value(state.step))
   reporter = reporting.Reporter(workdir, s.total_steps, start)
   t0 = time.perf_counter()
+  cache = feature_cache.build(s, config, state) if s.cache_stages else None
+  if cache:
+    reporter.write('feature_cache', start, {'stages': cache.stages, 'seconds': cache.seconds,
+                                            'mib': cache.nbytes / 2**20})
   with rundir.Preemption() as preemption:
-    state, eval_metrics = _loop(s, config, state, mngr, best, reporter, preemption)
+    state, eval_metrics = _loop(s, config, state, mngr, best, reporter, preemption, cache)
   mngr.wait_until_finished()
   reporter.close()
   results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
+  results['cached_stages'] = s.cache_stages
   results['preempted'] = preemption.requested
   reporting.write_results(workdir, results)
   return results
 
 
-def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter, preemption):
+def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter, preemption,
+          cache: feature_cache.Cache | None):
   """The step loop: log, evaluate and checkpoint on schedule; stop at a step on SIGTERM."""
-  step_fn, eval_fn = parallel_steps(s, config)
+  step_fn, eval_fn = parallel_steps(s, config, start=cache.stages if cache else 0)
   eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
   start = int(host_value(state.step))
-  batches = input_pipeline.train_batches(config.data, global_batch_size=config.train.batch_size,
-                                         seed=config.seed, start_step=start)
+  stream = dict(global_batch_size=config.train.batch_size, seed=config.seed, start_step=start)
+  batches = (cache.train_batches(config.data, **stream) if cache else
+             input_pipeline.train_batches(config.data, **stream))
+  evaluation = lambda: cache.eval if cache else input_pipeline.eval_batches(
+      config.data, global_batch_size=config.train.eval_batch_size)
   pending, eval_metrics = [], None
+  batches = _on_device(s, batches, start + 1)
   for step in range(start + 1, s.total_steps + 1):
-    batch = next(batches)
-    _check_labels(batch, s.model_meta['num_classes'], step)
-    state, metrics = step_fn(state, to_global(batch, s.batch_sharding))
+    state, metrics = step_fn(state, next(batches))
     pending.append((step, metrics))
     last, stop = step == s.total_steps, preemption.stop(step)
     save = step % config.checkpoint.every_steps == 0 or last or stop
@@ -233,7 +260,7 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
       _log_train(reporter, pending, config)  # raises on a non-finite step, before any save
       pending = []
     if evaluate_now:
-      eval_metrics = evaluate(s, eval_fn, state, config)
+      eval_metrics = evaluate(s, eval_fn, state, evaluation())
       reporter.write('eval', step, eval_metrics)
       if best is not None:
         checkpoint.save_state(best, step, *_split(state), {**s.model_meta, 'step': step},
@@ -248,7 +275,7 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
                       'the same command to resume from it.', step)
       break
   if eval_metrics is None:  # resumed after the last step, or preempted before an evaluation
-    eval_metrics = evaluate(s, eval_fn, state, config)
+    eval_metrics = evaluate(s, eval_fn, state, evaluation())
   return state, eval_metrics
 
 

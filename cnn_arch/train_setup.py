@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, freeze, input_pipeline, models, optim
+from cnn_arch import checkpoint, feature_cache, freeze, input_pipeline, models, optim
 from cnn_arch.config import DTYPES
 
 AXIS = 'batch'
@@ -34,6 +34,8 @@ class Setup:
   tx: Any
   steps_per_epoch: int
   total_steps: int
+  cache_stages: int = 0  # stages whose outputs the trainer caches (`cnn_arch.feature_cache`)
+  cache_bytes: int = 0  # their estimated host memory
 
 
 def build_model(config: ConfigDict, num_classes: int):
@@ -80,6 +82,7 @@ def make_setup(config: ConfigDict) -> Setup:
   param_labels = freeze.labels(dict(param_shapes), stage_names, config.finetune.freeze_depth,
                                getattr(model, 'attached_heads', None))
   tx = optim.make(config.optim, param_labels, steps_per_epoch, total_steps)
+  cache_stages, cache_bytes = feature_cache.plan(config, model, info, stage_names)
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
   return Setup(model=model, model_meta=dict(model=config.model.name,
                                             options=_plain(config.model.options.to_dict()),
@@ -87,7 +90,8 @@ def make_setup(config: ConfigDict) -> Setup:
                info=info, image_size=image_size, mesh=mesh,
                batch_sharding=NamedSharding(mesh, P(AXIS)), replicated=NamedSharding(mesh, P()),
                stage_names=stage_names, frozen_keys=frozen_keys, param_labels=param_labels,
-               tx=tx, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+               tx=tx, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               cache_stages=cache_stages, cache_bytes=cache_bytes)
 
 
 def _plain(options: dict) -> dict:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cnn_arch import input_pipeline, models, train
+from cnn_arch import feature_cache, input_pipeline, models, train
 from cnn_arch.train_setup import load_init_from, make_setup
 
 _PROGRAMS = {}  # program key -> (jitted train step, jitted eval step)
@@ -67,7 +67,7 @@ def _key(*parts) -> str:
                     sort_keys=True, default=str)
 
 
-def programs(s, config: ConfigDict):
+def programs(s, config: ConfigDict, start: int = 0):
   """The jitted trainer steps for this program shape, compiled once per process.
 
   Built exactly as `train_and_evaluate` builds them (the state is donated), so a source run and
@@ -75,9 +75,9 @@ def programs(s, config: ConfigDict):
   """
   key = _key(config.model, config.optim, config.finetune.freeze_depth, config.train.batch_size,
              config.train.eval_batch_size, s.image_size, s.total_steps, s.steps_per_epoch,
-             s.model_meta['num_classes'])
+             s.model_meta['num_classes'], start)
   if key not in _PROGRAMS:
-    _PROGRAMS[key] = train.parallel_steps(s, config, donate=True)
+    _PROGRAMS[key] = train.parallel_steps(s, config, donate=True, start=start)
   return _PROGRAMS[key]
 
 
@@ -116,10 +116,10 @@ def init_state(s, config: ConfigDict) -> train.TrainState:
   return jax.device_put(state, s.replicated)
 
 
-def evaluate(s, eval_fn, state, config: ConfigDict) -> dict:
+def evaluate(s, eval_fn, state, config: ConfigDict, cache=None) -> dict:
   """Loss and top-1 over every evaluation example (padding masked out)."""
   totals = None
-  for batch in eval_batches(config.data, config.train.eval_batch_size):
+  for batch in cache.eval if cache else eval_batches(config.data, config.train.eval_batch_size):
     sums = eval_fn(state, train.to_global(batch, s.batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -146,9 +146,12 @@ def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | N
   t0 = time.perf_counter()
   s = make_setup(config)
   state = init_state(s, config)
-  step_fn, eval_fn = programs(s, config)
-  batches = input_pipeline.train_batches(config.data, global_batch_size=config.train.batch_size,
-                                         seed=config.seed)
+  # With augmentation off, the frozen stages run once (cnn_arch.feature_cache), as in the trainer.
+  cache = feature_cache.build(s, config, state) if s.cache_stages else None
+  step_fn, eval_fn = programs(s, config, start=cache.stages if cache else 0)
+  stream = dict(global_batch_size=config.train.batch_size, seed=config.seed)
+  batches = (cache.train_batches(config.data, **stream) if cache else
+             input_pipeline.train_batches(config.data, **stream))
   points, rows, losses, metrics = eval_steps(s.total_steps, num_evals), [], [], {}
   for step in range(1, s.total_steps + 1):
     state, out = step_fn(state, train.to_global(next(batches), s.batch_sharding))
@@ -159,7 +162,7 @@ def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | N
         raise FloatingPointError(f'Non-finite training loss in {workdir} by step {step}; lower '
                                  'optim.learning_rate in the experiment config.')
       rows.append({'split': 'train', 'step': step, 'loss': loss})
-      metrics = evaluate(s, eval_fn, state, config)
+      metrics = evaluate(s, eval_fn, state, config, cache)
       rows.append({'split': 'eval', 'step': step, 'epoch': step / s.steps_per_epoch, **metrics})
       losses = []
   write_jsonl(os.path.join(workdir, 'metrics.jsonl'), rows)

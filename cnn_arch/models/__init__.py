@@ -1,12 +1,12 @@
 """The model registry: every architecture by name, built through `get_model`.
 
 Each model is a Flax Linen module called as
-`model.apply(variables, images_nhwc, train=False, frozen=0, features=False)` (see `common`), and
-has a `stage_names` property: `('stem', 'stage1', ..., 'head')`, exactly the top-level keys of
-`params` that freezing and weight import key on (the one exception: GoogLeNet with
-`aux_logits=True` adds 'aux1' and 'aux2', which its `attached_heads` maps to 'stage2'), and a
-`min_size` property, the smallest input side it accepts. `model_options(name)` lists the keyword
-options `get_model` accepts for a name.
+`model.apply(variables, images_nhwc, train=False, frozen=0, features=False, start=0)` (see
+`common`), and has a `stage_names` property: `('stem', 'stage1', ..., 'head')`, exactly the
+top-level keys of `params` that freezing and weight import key on (the one exception: GoogLeNet
+with `aux_logits=True` adds 'aux1' and 'aux2', which its `attached_heads` maps to 'stage2'), and
+a `min_size` property, the smallest input side it accepts. `model_options(name)` lists the
+keyword options `get_model` accepts for a name.
 """
 
 import dataclasses

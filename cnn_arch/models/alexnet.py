@@ -68,10 +68,12 @@ class AlexNet(nn.Module):
     return 7 if self.cifar_stem else 63
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False):
+  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False,
+               start: int = 0):
     if self.layout not in _CONVS:
       raise ValueError(f'Unknown AlexNet layout {self.layout!r}; choose one of {tuple(_CONVS)}.')
-    common.check_input(x, self.min_size, f'AlexNet ({self.layout} layout)')
+    if not start:
+      common.check_input(x, self.min_size, f'AlexNet ({self.layout} layout)')
     stages = [(name, self._conv_stage(i, name)) for i, name in enumerate(self.stage_names[:5])]
     hidden = common.scaled(_HIDDEN, self.width)
     for i, name in ((6, 'stage5'), (7, 'stage6')):
@@ -79,7 +81,7 @@ class AlexNet(nn.Module):
                              dropout_first=self.layout == 'torchvision', dtype=self.dtype,
                              name=name)
       stages.append((name, self._before_fc6(fc) if i == 6 else fc))
-    x, feats = common.run_stages(stages, x, train=train, frozen=frozen)
+    x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
     return common.finish(logits.astype(jnp.float32), feats, x, features)
 

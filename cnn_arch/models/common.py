@@ -6,13 +6,15 @@ parity with torchvision's ImageNet weights, so every family builds its layers fr
 
 Every model in `cnn_arch.models` follows one calling convention, implemented by `run_stages`:
 
-    model.apply(variables, images_nhwc, train=False, frozen=0, features=False)
+    model.apply(variables, images_nhwc, train=False, frozen=0, features=False, start=0)
 
 * `frozen=k` runs the first k stages in inference mode (BatchNorm uses and keeps its running
   statistics, dropout is off) and stops the gradient at their output, so the backward pass never
   reaches the frozen prefix (optax masking alone would still compute those gradients, optax#290).
 * `features=True` returns `(logits, feats)` where `feats` maps every stage name to its output and
   `'pre_logits'` to the vector fed to the classifier.
+* `start=k` takes, instead of images, the output of the first k stages (e.g. the cached features
+  of a frozen prefix, `cnn_arch.feature_cache`) and runs only the stages after them.
 """
 
 import math
@@ -179,16 +181,21 @@ def check_frozen(frozen: int, stage_names: Sequence[str]):
         f'head).')
 
 
-def run_stages(stages: Sequence[tuple[str, Callable]], x, *, train: bool, frozen: int):
+def run_stages(stages: Sequence[tuple[str, Callable]], x, *, train: bool, frozen: int,
+               start: int = 0):
   """Runs the body `(name, fn(x, train))` stages in order (the head is not one of them).
 
   Returns the last output and a dict of every stage's output.
 
   The first `frozen` stages run with train=False and their output is a constant for autodiff.
+  With `start=k`, `x` is the output of the first k stages, which are skipped.
   """
   check_frozen(frozen, [name for name, _ in stages])
+  if not 0 <= start <= len(stages):
+    raise ValueError(f'start={start} is out of range: the model has {len(stages)} stages before '
+                     'the head.')
   feats = {}
-  for i, (name, fn) in enumerate(stages):
+  for i, (name, fn) in enumerate(stages[start:], start):
     x = fn(x, train and i >= frozen)
     if i + 1 == frozen:
       x = lax.stop_gradient(x)

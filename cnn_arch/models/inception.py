@@ -174,9 +174,11 @@ class GoogLeNet(nn.Module):
     return 4 if self.cifar_stem else 32
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False):
-    common.check_input(x, self.min_size, 'GoogLeNet')
-    if self.transform_input:
+  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False,
+               start: int = 0):
+    if not start:
+      common.check_input(x, self.min_size, 'GoogLeNet')
+    if self.transform_input and not start:
       x = x * (jnp.array(_STD) / 0.5) + (jnp.array(_MEAN) - 0.5) / 0.5
     conv = functools.partial(BasicConv, norm=self.norm, bn_axis_name=self.bn_axis_name,
                              dtype=self.dtype,
@@ -197,7 +199,7 @@ class GoogLeNet(nn.Module):
       modules = tuple((n, tuple(common.scaled(c, self.width) for c in w)) for n, w in modules)
       name = f'stage{i + 1}'
       stages.append((name, keep_taps(_InceptionStage(modules, pool, inception, name=name))))
-    x, feats = common.run_stages(stages, x, train=train, frozen=frozen)
+    x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     aux = self._aux(taps, conv, train, frozen)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.mean(axis=(1, 2)))
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)

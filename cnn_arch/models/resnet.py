@@ -138,8 +138,10 @@ class ResNet(nn.Module):
     return 2 ** (len(self.stage_sizes) - 1) * (1 if self.cifar_stem else 4)
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False):
-    common.check_input(x, self.min_size, 'ResNet')
+  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False,
+               start: int = 0):
+    if not start:
+      common.check_input(x, self.min_size, 'ResNet')
     shared = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                   conv_general_dilated=self.conv_general_dilated)
     stages = [('stem', _Stem(common.scaled(64, self.width), self.cifar_stem, name='stem',
@@ -149,7 +151,7 @@ class ResNet(nn.Module):
                                 zero_init_residual=self.zero_init_residual, **shared)
       name = f'stage{i + 1}'
       stages.append((name, _Stage(block, n, 1 if i == 0 else 2, name=name)))
-    x, feats = common.run_stages(stages, x, train=train, frozen=frozen)
+    x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.mean(axis=(1, 2)))
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
     return common.finish(logits.astype(jnp.float32), feats, x, features)

@@ -49,8 +49,10 @@ class VGG(nn.Module):
     return 32  # five 2x2 pools
 
   @nn.compact
-  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False):
-    common.check_input(x, self.min_size, 'VGG')
+  def __call__(self, x, train: bool = False, frozen: int = 0, features: bool = False,
+               start: int = 0):
+    if not start:
+      common.check_input(x, self.min_size, 'VGG')
     stages = []
     for name, n, channels in zip(_STAGES, self.block_sizes, _CHANNELS, strict=True):
       layers = tuple((f'conv{j + 1}', common.scaled(channels, self.width), 3, 1, 1)
@@ -64,7 +66,7 @@ class VGG(nn.Module):
     grid = 1 if self.cifar_stem else 7
     stages.append(('stage5', lambda x, train: fc6(common.adaptive_avg_pool(x, grid), train)))
     stages.append(('stage6', fc7))
-    x, feats = common.run_stages(stages, x, train=train, frozen=frozen)
+    x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
     return common.finish(logits.astype(jnp.float32), feats, x, features)
 
