@@ -168,9 +168,11 @@ def _propagate(eqn, fields, statistics: bool):
     return field, ('global_' if whole else 'adaptive_') + _REDUCTIONS[prim], 0
   if prim in _RELAYOUTS and f is not None:
     return _relayout(eqn, f), None, 0
+  # A cond's branch index is control, not data (e.g. ops.conv's fusion barrier).
+  data = slice(1, None) if prim == 'cond' else slice(None)
   ndim = eqn.outvars[0].aval.ndim
   same_rank = [g if g is None or v.aval.ndim == ndim else dataclasses.replace(g, axes=(None,) * 2)
-               for g, v in zip(fields, eqn.invars)]
+               for g, v in zip(fields[data], eqn.invars[data])]
   return _merge(same_rank), None, 0
 
 

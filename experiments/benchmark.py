@@ -9,6 +9,8 @@
     python experiments/benchmark.py --suite=layers    # per-layer conv: plain XLA vs cnn_arch.ops
     python experiments/benchmark.py --suite=lecture   # ResNet-50 vs ResNeXt-50, BN vs GN
     python experiments/benchmark.py --suite=frozen    # frozen-head vs full training step
+    python experiments/benchmark.py --model=resnet50 --image_size=224 --batch=256 \
+        --dtype=bfloat16 --steps=20   # on a GPU: img/s and train_vs_ceiling (bf16 matmul rate)
 
 Each measurement prints, and appends to --out, one JSON line: images/s of the jitted train step
 (value_and_grad of cross-entropy + optax SGD momentum, frozen-prefix convention of
@@ -54,6 +56,8 @@ def parse_args(argv=None):
   p.add_argument('--freeze_depth', type=int, default=0)
   p.add_argument('--cifar_stem', action='store_true')
   p.add_argument('--width', type=float, default=1.0)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='compute dtype (parameters and optimizer stay float32)')
   p.add_argument('--norm', default='batch', choices=('batch', 'group', 'none'))
   p.add_argument('--num_classes', type=int, default=10)
   p.add_argument('--conv', default='xla', choices=tuple(CONVS))
@@ -94,9 +98,9 @@ def timed(fn, *args, steps):
   return float(np.median(times))
 
 
-def matmul_ceiling(n=4096, steps=5):
-  """Achieved GFLOP/s of an n x n float32 jnp matmul: the machine's practical ceiling."""
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_ceiling(n=4096, steps=5, dtype=jnp.float32):
+  """Achieved GFLOP/s of an n x n jnp matmul in `dtype`: the machine's practical ceiling."""
+  a = jnp.ones((n, n), dtype)
   return 2 * n ** 3 / timed(jax.jit(lambda a: a @ a), a, steps=steps) / 1e9
 
 
@@ -136,7 +140,8 @@ def setup_jax(args, *, model_name=None, norm=None, conv=None, frozen=None, optio
   options = args.xla_options if options is None else options
   model_name, norm = model_name or args.model, norm or args.norm
   conv, frozen = conv or args.conv, args.freeze_depth if frozen is None else frozen
-  opts = dict(norm=norm, width=args.width, conv_general_dilated=CONVS[conv])
+  opts = dict(norm=norm, width=args.width, conv_general_dilated=CONVS[conv],
+              dtype=jnp.dtype(args.dtype))
   if model_name.startswith('res'):
     opts['cifar_stem'] = args.cifar_stem
   model = models.get_model(model_name, num_classes=args.num_classes, **opts)
@@ -152,7 +157,7 @@ def setup_jax(args, *, model_name=None, norm=None, conv=None, frozen=None, optio
   fwd, _, fwd_flops = compile_fn(lambda v, x: model.apply(v, x, train=False), variables, x,
                                  options=options)
   info = dict(framework='jax', model=model_name, norm=norm, conv=conv, frozen=frozen,
-              batch=args.batch, image_size=args.image_size, width=args.width,
+              batch=args.batch, image_size=args.image_size, width=args.width, dtype=args.dtype,
               cifar_stem=args.cifar_stem, backend=jax.default_backend(), compile_s=compile_s,
               xla_options=options,
               macs_per_image=fwd_flops / 2 / args.batch)
@@ -309,7 +314,7 @@ def emit(result, out):
 
 
 def run_single(args):
-  ceiling = matmul_ceiling()
+  ceiling = matmul_ceiling(dtype=jnp.dtype(args.dtype))
   result = bench_jax(args, infer=not args.no_infer)
   result.update(matmul_gflop_s=ceiling, train_vs_ceiling=result['train_gflop_s'] / ceiling)
   emit(result, args.out)

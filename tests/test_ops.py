@@ -153,6 +153,75 @@ def test_default_dispatch_uses_fast_op_only_for_grouped_and_1x1_on_cpu():
   assert 'custom_vjp' not in jaxpr
 
 
+@pytest.mark.parametrize('n,h,w,c,o,k,s,pad,groups', CASES)
+def test_default_conv_value_and_both_gradients_match_lax(n, h, w, c, o, k, s, pad, groups):
+  """The CPU default (fusion barrier + per-shape backward) behind a BatchNorm-ReLU-like producer,
+  so the barrier sits where it matters: value and gradients of x, w and the affine parameters."""
+  x, kernel = _inputs(n, h, w, c, o, k, groups)
+  scale = jnp.linspace(0.5, 1.5, c)
+  def loss(fn):
+    conv = _conv(fn, s, pad, groups)
+    return lambda x, w, a: jnp.sum(jnp.tanh(conv(jax.nn.relu(x * a + 0.1) + x, w)))
+  want = jax.jit(jax.value_and_grad(loss(lax.conv_general_dilated), (0, 1, 2)))(x, kernel, scale)
+  got = jax.jit(jax.value_and_grad(loss(ops_conv.default_conv_general_dilated), (0, 1, 2)))(
+      x, kernel, scale)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.shape == b.shape
+    _assert_close(a, b)
+
+
+def test_fusion_barrier_survives_xla_and_is_shared_by_convolutions_of_one_input():
+  """On CPU the compiled step keeps one conditional per distinct convolution input (the
+  weight-gradient transposes read its buffer); on other backends there is none."""
+  x, w3 = _inputs(2, 8, 8, 4, 4, 3, 1)
+  w1 = jnp.ones((1, 1, 4, 4), jnp.float32)
+  def loss(x, w3, w1):
+    h = jax.nn.relu(x * 1.5 + 0.1)
+    y = _conv(ops_conv.default_conv_general_dilated, 2, ((1, 1), (1, 1)), 1)(h, w3)
+    y = y + _conv(ops_conv.default_conv_general_dilated, 2, ((0, 0), (0, 0)), 1)(h, w1)
+    return jnp.sum(_conv(ops_conv.default_conv_general_dilated, 1, ((1, 1), (1, 1)), 1)(
+        jax.nn.relu(y) + y, w3) ** 2)
+  hlo = jax.jit(jax.grad(loss, (1, 2))).lower(x, w3, w1).compile().as_text()
+  want = 2 if jax.default_backend() == 'cpu' else 0  # h (shared by two convs) and relu(y) + y
+  assert hlo.count('conditional(') == want
+
+
+def test_default_conv_forward_mode_vmap_and_nan_inputs_match_lax():
+  x, kernel = _inputs(3, 7, 7, 4, 6, 3, 1)
+  fast = _conv(ops_conv.default_conv_general_dilated, 2, ((1, 1), (1, 1)), 1)
+  ref = _conv(lax.conv_general_dilated, 2, ((1, 1), (1, 1)), 1)
+  for a, b in zip(jax.jit(lambda *p: jax.jvp(fast, p, p))(x, kernel), jax.jvp(ref, (x, kernel),
+                                                                              (x, kernel))):
+    _assert_close(a, b)
+  per_example = lambda f: jax.jit(jax.vmap(
+      jax.grad(lambda x, w: jnp.sum(f(x[None], w) ** 2), (0, 1)), (0, None)))
+  for a, b in zip(per_example(fast)(x, kernel), per_example(ref)(x, kernel)):
+    _assert_close(a, b)
+  # The barrier's other branch (taken when the first element is NaN) returns the input too.
+  x_nan = x.at[0, 0, 0, 0].set(jnp.nan)
+  got, want = jax.jit(fast)(x_nan, kernel), ref(x_nan, kernel)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  _assert_close(jnp.nan_to_num(got), jnp.nan_to_num(want))
+
+
+@pytest.mark.parametrize('k,s,groups', [(3, 2, 1), (1, 2, 1), (3, 1, 2)])
+def test_default_conv_gradients_inside_shard_map_match_lax(k, s, groups):
+  """Data-parallel step as in cnn_arch.train: replicated kernel, batch split over the mesh,
+  pmean loss; the kernel's gradient must be the full-batch gradient."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((len(jax.devices()),), ('batch',))
+  x, kernel = _inputs(2 * len(jax.devices()), 6, 6, 4, 4, k, groups)
+  def grads(fn):
+    conv = _conv(fn, s, ((k // 2, k // 2),) * 2, groups)
+    def step(w, x):
+      loss = lambda w, x: lax.pmean(jnp.mean(jnp.tanh(conv(jax.nn.relu(x) + x, w))), 'batch')
+      return jax.grad(loss)(w, x)
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P('batch')), out_specs=P()))
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P('batch')))
+  _assert_close(grads(ops_conv.default_conv_general_dilated)(kernel, x),
+                grads(lax.conv_general_dilated)(kernel, x))
+
+
 def test_eigen_cpu_flag_is_added_once_and_never_over_a_user_setting():
   add = lambda env, version='0.10.2': ops_conv.use_eigen_cpu_convolutions(env, version)
   env = {}

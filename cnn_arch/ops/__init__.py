@@ -4,6 +4,8 @@
 convolutions on its Eigen kernels instead of YNNPACK, whose weight gradients were 2-5x slower on
 ResNet-18 (BENCHMARKS.md). `conv_general_dilated` is an exact custom-VJP convolution whose
 gradients are matrix products; models take it through their `conv_general_dilated` option.
+`default_conv_general_dilated`, every model's convolution, also stops XLA:CPU from fusing an
+activation's producers into the transposes of its weight gradient (`conv._fusion_barrier`).
 """
 
 from cnn_arch.ops.conv import (CPU_XLA_FLAG, conv_general_dilated, default_conv_general_dilated,

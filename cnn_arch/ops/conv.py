@@ -22,6 +22,16 @@ unit dilation and non-negative padding falls back to `lax.conv_general_dilated` 
 convolution, gradients included, to YNNPACK, whose weight-gradient kernel ran 2-2.5x slower than
 XLA's own Eigen convolution on ResNet-18's 3x3 layers (BENCHMARKS.md). It is an XLA flag, so it
 applies to the whole program and only to the CPU backend; GPU and TPU compiles never read it.
+
+`default_conv_general_dilated` also passes the input of every CPU convolution through
+`_fusion_barrier`. Eigen needs the weight gradient's input transposed (NHWC -> CHWN), and XLA
+fuses that transpose with the elementwise ops that produced the activation -- BatchNorm, ReLU
+and, through the residual additions, every earlier block of the stage -- recomputing them in a
+strided loop (up to 180 ms per 128x32x32x64 tensor, against 18 ms for the bare transpose).
+XLA does not fuse across a `conditional`, and `optimization_barrier` is removed before fusion, so
+the barrier is a `lax.cond` on a run-time predicate whose branches both return the input: the
+activation is computed once, and the forward convolution and the transpose both read that buffer
+(whole CIFAR ResNet-18 train step 1.09-1.24x faster, in-process interleaved A/Bs; BENCHMARKS.md).
 """
 
 import functools
@@ -65,19 +75,41 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   return _conv_fn(spec)(lhs, rhs)
 
 
-def default_conv_general_dilated(*args, **kwargs):
+def default_conv_general_dilated(lhs, rhs, *args, **kwargs):
   """The convolution to train with on this backend (same signature as `lax`'s).
 
   On CPU, grouped convolutions (ResNeXt) and 1x1 convolutions get the matmul-backward op:
   XLA:CPU's grouped-convolution gradients are pathologically slow (jax-ml/jax#13800; 33x slower
   than this op on a ResNeXt-50 stage-3 layer here), and a 1x1 weight gradient is one matrix
-  product (1.3-2x faster than Eigen's kernel). Every other convolution, and every convolution on
-  GPU/TPU, is plain `lax.conv_general_dilated`: the per-tap 3x3 backward lost to XLA's on the
-  whole step (BENCHMARKS.md).
+  product (1.3-2x faster than Eigen's kernel). Every other convolution is
+  `lax.conv_general_dilated`: the per-tap 3x3 backward lost to XLA's on the whole step
+  (BENCHMARKS.md). On CPU every input also goes through `_fusion_barrier` (module docstring).
+  GPU and TPU get plain `lax.conv_general_dilated`.
   """
-  if jax.default_backend() == 'cpu' and _takes_fast_path(*args, **kwargs):
-    return conv_general_dilated(*args, **kwargs)
-  return lax.conv_general_dilated(*args, **kwargs)
+  if jax.default_backend() != 'cpu':
+    return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  lhs = _fusion_barrier(lhs)
+  if _takes_fast_path(lhs, rhs, *args, **kwargs):
+    return conv_general_dilated(lhs, rhs, *args, **kwargs)
+  return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+@jax.custom_jvp
+def _fusion_barrier(x):
+  """x, unchanged, but materialised once: XLA cannot fuse its producers into its consumers.
+
+  Both branches return x (XLA drops a conditional whose branches are identical, hence the
+  double negation, which it simplifies away); the predicate only has to be unknown at compile
+  time. Differentiation sees the identity (custom JVP), so no conditional reaches the backward
+  pass and forward-mode autodiff works. Under `vmap` the cond becomes a select: still x.
+  tests/test_ops.py checks that the conditional survives XLA's optimisation passes.
+  """
+  if x.size == 0 or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: -(-v), lambda v: v, x)
+
+
+_fusion_barrier.defjvp(lambda primals, tangents: (_fusion_barrier(*primals), tangents[0]))
 
 
 def _takes_fast_path(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
