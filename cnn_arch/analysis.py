@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from cnn_arch.ops import conv as conv_ops
+
 _POOLS = {'reduce_window_max': 'max_pool', 'reduce_window_sum': 'avg_pool',
           'reduce_window_min': 'min_pool', 'reduce_window': 'pool'}
 _REDUCTIONS = {'reduce_sum': 'avg_pool', 'reduce_max': 'max_pool', 'reduce_min': 'min_pool',
@@ -168,11 +170,9 @@ def _propagate(eqn, fields, statistics: bool):
     return field, ('global_' if whole else 'adaptive_') + _REDUCTIONS[prim], 0
   if prim in _RELAYOUTS and f is not None:
     return _relayout(eqn, f), None, 0
-  # A cond's branch index is control, not data (e.g. ops.conv's fusion barrier).
-  data = slice(1, None) if prim == 'cond' else slice(None)
   ndim = eqn.outvars[0].aval.ndim
   same_rank = [g if g is None or v.aval.ndim == ndim else dataclasses.replace(g, axes=(None,) * 2)
-               for g, v in zip(fields[data], eqn.invars[data])]
+               for g, v in zip(fields, eqn.invars)]
   return _merge(same_rank), None, 0
 
 
@@ -308,7 +308,8 @@ def analyze(model: nn.Module, input_shape: Sequence[int], *, name: str | None = 
   x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
   apply = lambda variables, x: model.apply(variables, x, **kwargs)
   # Module scopes on the name stack are what name the layers; flax_profile could turn them off.
-  with nn.override_named_call(True):
+  # Plain lax convolutions: one per layer, not the CPU's im2col or fusion barriers.
+  with nn.override_named_call(True), conv_ops.plain_lax():
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
     closed = jax.make_jaxpr(apply)(variables, x)
   params = variables.get('params', {})
@@ -333,5 +334,7 @@ def analyze(model: nn.Module, input_shape: Sequence[int], *, name: str | None = 
 
 def _xla_flops(apply, variables, x) -> float:
   """XLA's flop count of the compiled forward pass (compiled from shapes, never run)."""
-  cost = jax.jit(apply).lower(variables, x).compile().cost_analysis()
+  with conv_ops.plain_lax():
+    lowered = jax.jit(apply).lower(variables, x)
+  cost = lowered.compile().cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])

@@ -56,6 +56,8 @@ def parse_args(argv=None):
   p.add_argument('--freeze_depth', type=int, default=0)
   p.add_argument('--cifar_stem', action='store_true')
   p.add_argument('--width', type=float, default=1.0)
+  p.add_argument('--layer_set', default='resnet18_cifar', choices=tuple(LAYER_SETS),
+                 help='convolutions timed by --suite=layers')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='compute dtype (parameters and optimizer stay float32)')
   p.add_argument('--norm', default='batch', choices=('batch', 'group', 'none'))
@@ -363,6 +365,13 @@ RESNET18_CIFAR_LAYERS = (
     ('stage3/down3x3', 16, 128, 256, 3, 2), ('stage3/down1x1', 16, 128, 256, 1, 2),
     ('stage3', 8, 256, 256, 3, 1), ('stage4/down3x3', 8, 256, 512, 3, 2),
     ('stage4/down1x1', 8, 256, 512, 1, 2), ('stage4', 4, 512, 512, 3, 1))
+# Small maps, where `auto` computes a 3x3 convolution whose output is smaller than its kernel
+# as one im2col matrix product (ResNet-50's stage 4 at 64x64), next to sizes where it does not.
+SMALL_MAP_LAYERS = (
+    ('r50_stage4', 2, 512, 512, 3, 1), ('r50_stage4/down3x3', 4, 256, 512, 3, 2),
+    ('4x4', 4, 256, 256, 3, 1), ('r18_stage4', 4, 512, 512, 3, 1),
+    ('r18_stage3', 8, 256, 256, 3, 1))
+LAYER_SETS = {'resnet18_cifar': RESNET18_CIFAR_LAYERS, 'small_maps': SMALL_MAP_LAYERS}
 
 
 def layer_fns(conv, k, s, x, w, g, options=None):
@@ -377,17 +386,16 @@ def layer_fns(conv, k, s, x, w, g, options=None):
 
 
 def run_layers(args):
-  """Per-layer forward / input-gradient / weight-gradient time, plain XLA vs cnn_arch.ops, and
-  with --xla_option also both under those compile options ('xla+opt', 'fast+opt').
+  """Per-layer forward / input-gradient / weight-gradient time: plain XLA, cnn_arch.ops' op and
+  its CPU default ('auto'), and with --xla_option also under those compile options ('+opt').
 
   The variants are interleaved and each reported time is the minimum over 3 rounds of the
   median of --steps calls, the most load-robust statistic on a shared machine.
   """
-  variants = {conv: (fn, {}) for conv, fn in CONVS.items() if conv != 'auto'}
+  variants = {conv: (fn, {}) for conv, fn in CONVS.items()}
   if args.xla_options:
-    variants.update({f'{conv}+opt': (fn, args.xla_options) for conv, fn in CONVS.items()
-                     if conv != 'auto'})
-  for name, size, cin, cout, k, s in RESNET18_CIFAR_LAYERS:
+    variants.update({f'{conv}+opt': (fn, args.xla_options) for conv, fn in CONVS.items()})
+  for name, size, cin, cout, k, s in LAYER_SETS[args.layer_set]:
     x = jax.random.normal(jax.random.key(0), (args.batch, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / np.sqrt(k * k * cin)
     g = jax.random.normal(jax.random.key(2), (args.batch, -(-size // s), -(-size // s), cout))

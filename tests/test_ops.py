@@ -27,6 +27,8 @@ CASES = [
     (2, 6, 6, 4, 4, 1, 1, ((2, 2), (2, 2)), 1),      # padding wider than the kernel
     (2, 9, 9, 4, 4, 2, 3, ((0, 0), (0, 0)), 1),      # stride larger than the kernel
     (2, 8, 8, 6, 6, 3, 1, ((1, 1), (1, 1)), 2),
+    (2, 2, 2, 8, 8, 3, 1, ((1, 1), (1, 1)), 1),      # ResNet-50 stage 4 at 64x64: output < kernel
+    (2, 4, 3, 8, 8, 3, 2, ((1, 1), (1, 1)), 1),
 ]
 
 
@@ -151,6 +153,20 @@ def test_default_dispatch_uses_fast_op_only_for_grouped_and_1x1_on_cpu():
   jaxpr = str(jax.make_jaxpr(lambda a, b: ops_conv.default_conv_general_dilated(
       a, b, (1, 1), 'VALID'))(nchw, jnp.ones((4, 2, 1, 1))))
   assert 'custom_vjp' not in jaxpr
+
+
+def test_default_dispatch_uses_im2col_only_when_the_output_is_smaller_than_the_kernel():
+  on_cpu = jax.default_backend() == 'cpu'
+  for h, k, s, groups, want in [(2, 3, 1, 1, on_cpu), (4, 3, 2, 1, on_cpu), (3, 3, 1, 1, False),
+                                (11, 7, 2, 1, on_cpu), (2, 3, 1, 2, False), (8, 3, 1, 1, False)]:
+    x, kernel = _inputs(1, h, h, 4, 4, k, groups)
+    fn = _conv(ops_conv.default_conv_general_dilated, s, ((k // 2, k // 2),) * 2, groups)
+    jaxpr = str(jax.make_jaxpr(fn)(x, kernel))
+    assert ('conv_general_dilated' not in jaxpr) == want, (h, k, s, groups)
+    with ops_conv.plain_lax():  # what cnn_arch.analysis reads: one plain convolution
+      fresh = _conv(ops_conv.default_conv_general_dilated, s, ((k // 2, k // 2),) * 2, groups)
+      jaxpr = str(jax.make_jaxpr(fresh)(x, kernel))
+    assert 'conv_general_dilated' in jaxpr and 'cond' not in jaxpr and 'custom' not in jaxpr
 
 
 @pytest.mark.parametrize('n,h,w,c,o,k,s,pad,groups', CASES)

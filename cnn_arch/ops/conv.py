@@ -34,8 +34,10 @@ activation is computed once, and the forward convolution and the transpose both 
 (whole CIFAR ResNet-18 train step 1.09-1.24x faster, in-process interleaved A/Bs; BENCHMARKS.md).
 """
 
+import contextlib
 import functools
 import os
+import threading
 from typing import NamedTuple
 
 import jax
@@ -81,17 +83,42 @@ def default_conv_general_dilated(lhs, rhs, *args, **kwargs):
   On CPU, grouped convolutions (ResNeXt) and 1x1 convolutions get the matmul-backward op:
   XLA:CPU's grouped-convolution gradients are pathologically slow (jax-ml/jax#13800; 33x slower
   than this op on a ResNeXt-50 stage-3 layer here), and a 1x1 weight gradient is one matrix
-  product (1.3-2x faster than Eigen's kernel). Every other convolution is
-  `lax.conv_general_dilated`: the per-tap 3x3 backward lost to XLA's on the whole step
-  (BENCHMARKS.md). On CPU every input also goes through `_fusion_barrier` (module docstring).
-  GPU and TPU get plain `lax.conv_general_dilated`.
+  product (1.3-2x faster than Eigen's kernel). A convolution whose output is smaller than its
+  kernel (ResNet-50's 3x3 layers on 2x2 maps) is one im2col matrix product (`_im2col_conv`):
+  Eigen runs it at ~2 GFLOP/s (8x2x2x512->512: 65/69 ms forward/input gradient against 2 ms).
+  Every other convolution is `lax.conv_general_dilated`: the per-tap 3x3 backward lost to XLA's
+  on the whole step, and im2col to Eigen on 4x4 and larger maps (BENCHMARKS.md). On CPU every
+  input also goes through `_fusion_barrier` (module docstring). GPU and TPU get plain
+  `lax.conv_general_dilated`.
   """
-  if jax.default_backend() != 'cpu':
+  if jax.default_backend() != 'cpu' or _PLAIN.active:
     return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
   lhs = _fusion_barrier(lhs)
-  if _takes_fast_path(lhs, rhs, *args, **kwargs):
+  path, spec = _cpu_path(lhs, rhs, *args, **kwargs)
+  if path == 'im2col':
+    return _im2col_conv(spec, lhs, rhs)
+  if path == 'fast':
     return conv_general_dilated(lhs, rhs, *args, **kwargs)
   return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+_PLAIN = threading.local()
+_PLAIN.active = False
+
+
+@contextlib.contextmanager
+def plain_lax():
+  """While tracing inside it, `default_conv_general_dilated` is plain `lax.conv_general_dilated`.
+
+  For code that reads the traced program as a model description (`cnn_arch.analysis`): one
+  convolution per layer, whatever this backend would run. JAX caches traces by function, so
+  trace a function object that was not traced outside it.
+  """
+  before, _PLAIN.active = _PLAIN.active, True
+  try:
+    yield
+  finally:
+    _PLAIN.active = before
 
 
 @jax.custom_jvp
@@ -112,14 +139,43 @@ def _fusion_barrier(x):
 _fusion_barrier.defjvp(lambda primals, tangents: (_fusion_barrier(*primals), tangents[0]))
 
 
-def _takes_fast_path(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                     precision=None, preferred_element_type=None):
-  """Whether the fast op covers this convolution and it is grouped or its kernel is 1x1."""
+def _cpu_path(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None):
+  """('im2col' | 'fast' | 'lax', spec): how `default_conv_general_dilated` computes it on CPU."""
   spec = _fast_spec(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                     dimension_numbers, feature_group_count, batch_group_count, precision,
                     preferred_element_type)
-  return spec is not None and (feature_group_count > 1 or rhs.shape[:2] == (1, 1))
+  if spec is None:
+    return 'lax', None
+  if spec.groups == 1 and any(o < k for o, k in zip(_out_hw(spec, lhs.shape, rhs.shape),
+                                                    rhs.shape[:2])):
+    return 'im2col', spec
+  if spec.groups > 1 or rhs.shape[:2] == (1, 1):
+    return 'fast', spec
+  return 'lax', spec
+
+
+def _out_hw(spec: _Spec, x_shape, w_shape) -> tuple[int, int]:
+  return tuple((size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
+               in zip(x_shape[1:3], w_shape[:2], spec.strides, spec.pads))
+
+
+def _im2col_conv(spec: _Spec, x, w):
+  """The convolution as one matrix product of (N*OH*OW, KH*KW*C) patches and the flat kernel.
+
+  Autodiff of the slices and the product gives the gradients as matrix products plus
+  pad-and-add, all small when the output is (the only case it is used for).
+  """
+  kh, kw, c, o = w.shape
+  n = x.shape[0]
+  (oh, ow), (sh, sw) = _out_hw(spec, x.shape, w.shape), spec.strides
+  xp = jnp.pad(x, ((0, 0), *spec.pads, (0, 0)))
+  taps = [lax.slice(xp, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, c),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(taps, axis=-1).reshape(n * oh * ow, kh * kw * c)
+  out = jnp.dot(patches, w.reshape(kh * kw * c, o), precision=spec.precision)
+  return out.reshape(n, oh, ow, o)
 
 
 # Removes only the convolution type from YNNPACK's fusions; its matmuls stay on.
