@@ -1,7 +1,7 @@
 """Training and inference throughput of cnn_arch models, with an optional PyTorch side-by-side.
 
     python experiments/benchmark.py --model=resnet18 --image_size=32 --batch=128 --cifar_stem \
-        --freeze_depth=0 --conv=xla [--torch] [--out=results/bench.jsonl]
+        --freeze_depth=0 [--conv=auto] [--torch] [--out=results/bench.jsonl]
     python experiments/benchmark.py --suite=convs --cifar_stem --conv=auto  # whole step, XLA vs ops
     python experiments/benchmark.py --suite=options --cifar_stem \
         --xla_option=xla_cpu_experimental_ynn_fusion_type=  # whole step, XLA compile options A/B
@@ -62,7 +62,9 @@ def parse_args(argv=None):
                  help='compute dtype (parameters and optimizer stay float32)')
   p.add_argument('--norm', default='batch', choices=('batch', 'group', 'none'))
   p.add_argument('--num_classes', type=int, default=10)
-  p.add_argument('--conv', default='xla', choices=tuple(CONVS))
+  p.add_argument('--conv', default='auto', choices=tuple(CONVS),
+                 help="auto: what the models use (cnn_arch.ops' per-backend default); xla: plain "
+                      'lax everywhere; fast: the custom-VJP op everywhere')
   p.add_argument('--torch', action='store_true', help='also time the torchvision model')
   p.add_argument('--steps', type=int, default=5, help='timed calls (median reported)')
   p.add_argument('--no_infer', action='store_true', help='skip the inference timing')
