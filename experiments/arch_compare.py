@@ -109,12 +109,19 @@ def resnext_finding(rows: list[dict]) -> str:
   x, r = by_name[name_x, width], by_name[name_r, width]
   per_mac = {k: (x['macs'] / x[k]) / (r['macs'] / r[k]) for k in ('train_img_s', 'infer_img_s')}
   verdict = 'slower' if min(per_mac.values()) > 1.0 else 'not slower'
-  within = all(1.5 <= v <= 2.0 for v in per_mac.values())
+  if all(1.5 <= v <= 2.0 for v in per_mac.values()):
+    lecture = 'the lecture\'s 1.5-2x holds'
+  elif all(v > 2.0 for v in per_mac.values()):
+    lecture = 'that is more than the lecture\'s 1.5-2x'
+  elif all(v < 1.5 for v in per_mac.values()):
+    lecture = 'that is less than the lecture\'s 1.5-2x'
+  else:
+    lecture = 'the lecture\'s 1.5-2x does not hold for both'
   return (f'At width {width}, {name_x} has {x["macs"] / r["macs"]:.2f}x the MACs of {name_r}; '
           f'per MAC it takes {per_mac["train_img_s"]:.2f}x the training time and '
           f'{per_mac["infer_img_s"]:.2f}x the inference time of {name_r} on this machine '
-          f'({x.get("backend", "?")}), so ResNeXt is {verdict} at equal MACs here; the lecture\'s '
-          f'1.5-2x {"holds" if within else "does not hold"} on this machine.')
+          f'({x.get("backend", "?")}), so ResNeXt is {verdict} at equal MACs here; {lecture} on '
+          'this machine.')
 
 
 if __name__ == '__main__':

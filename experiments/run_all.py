@@ -27,7 +27,8 @@ def run_all(cfg, out: str, only: tuple[str, ...] = ()) -> str:
   unknown = set(only) - set(EXPERIMENTS)
   if unknown:
     raise ValueError(f'Unknown experiment(s) {sorted(unknown)}; choose from {list(EXPERIMENTS)}.')
-  timings = {}
+  done = os.path.join(out, 'timings.json')
+  timings = common.read_json(done) if os.path.exists(done) else {}  # keep what --only skips
   for name, fn in EXPERIMENTS.items():
     if only and name not in only:
       continue
@@ -36,7 +37,7 @@ def run_all(cfg, out: str, only: tuple[str, ...] = ()) -> str:
     timings[name] = time.perf_counter() - t
     print(f'{name}: {timings[name]:.0f} s', flush=True)
   path = report.render(out)
-  common.write_json(os.path.join(out, 'timings.json'), timings)
+  common.write_json(done, timings)
   return path
 
 

@@ -132,7 +132,11 @@ def test_resnext_finding_normalises_by_macs():
   assert 'is slower at equal MACs' in text and '1.5-2x holds' in text
   rows[1]['train_img_s'] = rows[1]['infer_img_s'] = 400.0  # as fast per image: 0.5x per MAC
   assert 'not slower' in arch_compare.resnext_finding(rows)
-  assert 'does not hold' in arch_compare.resnext_finding(rows)
+  assert 'less than the lecture' in arch_compare.resnext_finding(rows)
+  rows[1]['train_img_s'] = rows[1]['infer_img_s'] = 20.0  # 2.5x per MAC
+  assert 'more than the lecture' in arch_compare.resnext_finding(rows)
+  rows[1]['infer_img_s'] = 160.0  # training 2.5x, inference 1.25x
+  assert '1.5-2x does not hold for both' in arch_compare.resnext_finding(rows)
   assert 'No ResNeXt' in arch_compare.resnext_finding(rows[:1])
   wider = dict(rows[1], width=1.0)  # a pair must share the width
   assert 'No ResNeXt' in arch_compare.resnext_finding([rows[0], wider])
