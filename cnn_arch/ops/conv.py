@@ -102,8 +102,11 @@ def default_conv_general_dilated(lhs, rhs, *args, **kwargs):
   return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
-_PLAIN = threading.local()
-_PLAIN.active = False
+class _Plain(threading.local):
+  active = False  # per thread, False until plain_lax() sets it
+
+
+_PLAIN = _Plain()
 
 
 @contextlib.contextmanager
