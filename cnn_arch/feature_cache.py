@@ -86,11 +86,18 @@ class Cache:
   def nbytes(self) -> int:
     return self.train.nbytes + sum(b['image'].nbytes for b in self.eval)
 
-  def train_batches(self, data_cfg, **kwargs) -> Iterator[dict]:
-    """`input_pipeline.train_batches(data_cfg, **kwargs)` with features in place of images."""
-    for batch in input_pipeline.train_batches(data_cfg, images=False, **kwargs):
-      rows = np.searchsorted(self.train_index, batch['index'])
-      yield {'image': self.train[rows], 'label': batch['label']}
+
+def train_batches(cache: Cache | None, data_cfg, **kwargs) -> Iterator[dict]:
+  """`input_pipeline.train_batches(data_cfg, **kwargs)`, with `cache`'s features for images."""
+  if cache is None:
+    return input_pipeline.train_batches(data_cfg, **kwargs)
+  return _features(cache, input_pipeline.train_batches(data_cfg, images=False, **kwargs))
+
+
+def _features(cache: Cache, batches) -> Iterator[dict]:
+  for batch in batches:
+    rows = np.searchsorted(cache.train_index, batch['index'])
+    yield {'image': cache.train[rows], 'label': batch['label']}
 
 
 def build(s, config: ConfigDict, state) -> Cache:

@@ -243,9 +243,8 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
   step_fn, eval_fn = parallel_steps(s, config, start=cache.stages if cache else 0)
   eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
   start = int(host_value(state.step))
-  stream = dict(global_batch_size=config.train.batch_size, seed=config.seed, start_step=start)
-  batches = (cache.train_batches(config.data, **stream) if cache else
-             input_pipeline.train_batches(config.data, **stream))
+  batches = feature_cache.train_batches(cache, config.data, seed=config.seed, start_step=start,
+                                       global_batch_size=config.train.batch_size)
   evaluation = lambda: cache.eval if cache else input_pipeline.eval_batches(
       config.data, global_batch_size=config.train.eval_batch_size)
   pending, eval_metrics = [], None

@@ -149,9 +149,8 @@ def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | N
   # With augmentation off, the frozen stages run once (cnn_arch.feature_cache), as in the trainer.
   cache = feature_cache.build(s, config, state) if s.cache_stages else None
   step_fn, eval_fn = programs(s, config, start=cache.stages if cache else 0)
-  stream = dict(global_batch_size=config.train.batch_size, seed=config.seed)
-  batches = (cache.train_batches(config.data, **stream) if cache else
-             input_pipeline.train_batches(config.data, **stream))
+  batches = feature_cache.train_batches(cache, config.data, seed=config.seed,
+                                       global_batch_size=config.train.batch_size)
   points, rows, losses, metrics = eval_steps(s.total_steps, num_evals), [], [], {}
   for step in range(1, s.total_steps + 1):
     state, out = step_fn(state, train.to_global(next(batches), s.batch_sharding))
