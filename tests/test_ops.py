@@ -91,6 +91,22 @@ def test_backward_uses_no_lhs_dilation_or_generic_weight_gradient():
   assert jaxpr.count('dot_general') == 1 and 'length=9' in jaxpr  # scan over the 9 taps
 
 
+def test_default_strided_conv_backward_is_phase_split_input_grad_and_xla_weight_grad():
+  """CPU default for a dense strided 3x3 convolution: no lhs-dilated convolution (XLA:CPU's slow
+  transposed convolution), and the weight gradient is XLA's own (Eigen), not the tap scan."""
+  x, kernel = _inputs(2, 9, 9, 4, 6, 3, 1)
+  grad = jax.grad(lambda x, w: jnp.sum(_conv(ops_conv.default_conv_general_dilated, 2,
+                                             ((1, 1), (1, 1)), 1)(x, w)), (0, 1))
+  jaxpr = str(jax.make_jaxpr(grad)(x, kernel))
+  if jax.default_backend() != 'cpu':
+    assert 'custom_vjp' not in jaxpr
+    return
+  assert 'lhs_dilation=(2, 2)' not in jaxpr
+  # forward + one per input phase + the weight gradient; no matrix products, no scan
+  assert jaxpr.count('conv_general_dilated') == 1 + 4 + 1
+  assert 'dot_general' not in jaxpr and 'scan' not in jaxpr
+
+
 def test_jit_vmap_and_grad_of_grad_match_lax():
   x, kernel = _inputs(3, 7, 7, 4, 6, 3, 1)
   fast = _conv(ops_conv.conv_general_dilated, 2, ((1, 1), (1, 1)), 1)
@@ -140,11 +156,11 @@ def test_flax_conv_with_fast_op_matches_plain_flax_conv():
     _assert_close(a, b)
 
 
-def test_default_dispatch_uses_fast_op_only_for_grouped_and_1x1_on_cpu():
+def test_default_dispatch_uses_custom_vjp_only_for_grouped_1x1_and_strided_on_cpu():
   x, _ = _inputs(1, 6, 6, 2, 2, 1, 1)
   on_cpu = jax.default_backend() == 'cpu'
   for k, s, groups, want_fast in [(1, 2, 1, on_cpu), (1, 1, 1, on_cpu), (3, 1, 1, False),
-                                  (3, 2, 1, False), (3, 1, 2, on_cpu), (3, 2, 2, on_cpu)]:
+                                  (3, 2, 1, on_cpu), (3, 1, 2, on_cpu), (3, 2, 2, on_cpu)]:
     kernel = jnp.ones((k, k, 2 // groups, 4), jnp.float32)
     fn = _conv(ops_conv.default_conv_general_dilated, s, ((k // 2, k // 2),) * 2, groups)
     jaxpr = str(jax.make_jaxpr(fn)(x, kernel))
@@ -204,11 +220,20 @@ def test_fusion_barrier_survives_xla_and_is_shared_by_convolutions_of_one_input(
 
 def test_default_conv_forward_mode_vmap_and_nan_inputs_match_lax():
   x, kernel = _inputs(3, 7, 7, 4, 6, 3, 1)
+  jvp = lambda f: jax.jit(lambda *p: jax.jvp(f, p, p))(x, kernel)
+  # Stride 1 is lax behind the barrier, whose custom JVP is the identity's.
+  for a, b in zip(jvp(_conv(ops_conv.default_conv_general_dilated, 1, ((1, 1), (1, 1)), 1)),
+                  jvp(_conv(lax.conv_general_dilated, 1, ((1, 1), (1, 1)), 1))):
+    _assert_close(a, b)
   fast = _conv(ops_conv.default_conv_general_dilated, 2, ((1, 1), (1, 1)), 1)
   ref = _conv(lax.conv_general_dilated, 2, ((1, 1), (1, 1)), 1)
-  for a, b in zip(jax.jit(lambda *p: jax.jvp(fast, p, p))(x, kernel), jax.jvp(ref, (x, kernel),
-                                                                              (x, kernel))):
-    _assert_close(a, b)
+  if jax.default_backend() == 'cpu':  # strided: a custom VJP, reverse mode only ...
+    with pytest.raises(TypeError, match='forward-mode'):
+      jvp(fast)
+  with ops_conv.plain_lax():  # ... unless traced as plain lax (the documented way out)
+    plain = _conv(ops_conv.default_conv_general_dilated, 2, ((1, 1), (1, 1)), 1)
+    for a, b in zip(jvp(plain), jvp(ref)):
+      _assert_close(a, b)
   per_example = lambda f: jax.jit(jax.vmap(
       jax.grad(lambda x, w: jnp.sum(f(x[None], w) ** 2), (0, 1)), (0, None)))
   for a, b in zip(per_example(fast)(x, kernel), per_example(ref)(x, kernel)):

@@ -55,6 +55,7 @@ class _Spec(NamedTuple):
   pads: tuple[tuple[int, int], tuple[int, int]]
   groups: int
   precision: object
+  weight_grad: str = 'taps'  # 'taps' (`_weight_grad`) or 'lax' (XLA's own: Eigen on CPU)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -86,10 +87,15 @@ def default_conv_general_dilated(lhs, rhs, *args, **kwargs):
   product (1.3-2x faster than Eigen's kernel). A convolution whose output is smaller than its
   kernel (ResNet-50's 3x3 layers on 2x2 maps) is one im2col matrix product (`_im2col_conv`):
   Eigen runs it at ~2 GFLOP/s (8x2x2x512->512: 65/69 ms forward/input gradient against 2 ms).
-  Every other convolution is `lax.conv_general_dilated`: the per-tap 3x3 backward lost to XLA's
-  on the whole step, and im2col to Eigen on 4x4 and larger maps (BENCHMARKS.md). On CPU every
-  input also goes through `_fusion_barrier` (module docstring). GPU and TPU get plain
-  `lax.conv_general_dilated`.
+  A dense strided convolution (ResNet's 3x3 downsampling) gets the custom VJP with the phase-split
+  input gradient (XLA's lhs-dilated one took 83 against 29 ms on CIFAR ResNet-18's 32x32x64->128
+  layer) and XLA's own weight gradient. Every other convolution is `lax.conv_general_dilated`:
+  the per-tap 3x3 weight gradient lost to Eigen's, and im2col to Eigen on 4x4 and larger maps
+  (BENCHMARKS.md). On CPU every input also goes through `_fusion_barrier` (module docstring).
+  GPU and TPU get plain `lax.conv_general_dilated`.
+
+  The custom-VJP paths support reverse mode only: for `jax.jvp` (forward mode) through them,
+  trace inside `plain_lax()`.
   """
   if jax.default_backend() != 'cpu' or _PLAIN.active:
     return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
@@ -97,9 +103,9 @@ def default_conv_general_dilated(lhs, rhs, *args, **kwargs):
   path, spec = _cpu_path(lhs, rhs, *args, **kwargs)
   if path == 'im2col':
     return _im2col_conv(spec, lhs, rhs)
-  if path == 'fast':
-    return conv_general_dilated(lhs, rhs, *args, **kwargs)
-  return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  if path == 'lax':
+    return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  return _conv_fn(spec)(lhs, rhs)
 
 
 class _Plain(threading.local):
@@ -145,7 +151,9 @@ _fusion_barrier.defjvp(lambda primals, tangents: (_fusion_barrier(*primals), tan
 def _cpu_path(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
               precision=None, preferred_element_type=None):
-  """('im2col' | 'fast' | 'lax', spec): how `default_conv_general_dilated` computes it on CPU."""
+  """('im2col' | 'fast' | 'strided' | 'lax', spec): how `default_conv_general_dilated` computes
+  it on CPU ('strided': the custom VJP with the phase-split input gradient and XLA's weight
+  gradient)."""
   spec = _fast_spec(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                     dimension_numbers, feature_group_count, batch_group_count, precision,
                     preferred_element_type)
@@ -156,6 +164,8 @@ def _cpu_path(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     return 'im2col', spec
   if spec.groups > 1 or rhs.shape[:2] == (1, 1):
     return 'fast', spec
+  if spec.strides != (1, 1):
+    return 'strided', spec._replace(weight_grad='lax')
   return 'lax', spec
 
 
@@ -249,8 +259,11 @@ def _conv_fn(spec: _Spec):
 
   def bwd(res, g):
     x, w = res
-    return (_invariant_like(_input_grad(spec, g, w, x.shape), x),
-            _invariant_like(_weight_grad(spec, x, g, w.shape), w))
+    if spec.weight_grad == 'lax':
+      dw, = jax.linear_transpose(lambda w: _forward(spec, x, w), w)(g)
+    else:
+      dw = _weight_grad(spec, x, g, w.shape)
+    return (_invariant_like(_input_grad(spec, g, w, x.shape), x), _invariant_like(dw, w))
 
   conv.defvjp(fwd, bwd)
   return conv
