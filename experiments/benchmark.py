@@ -387,12 +387,25 @@ def layer_fns(conv, k, s, x, w, g, options=None):
           for part, fn in fns.items()}
 
 
+def weight_grad_kernel_fn(k, x, g, options=None):
+  """XLA's stride-1 weight-gradient convolution alone, as a (x, w, g) timing closure: its
+  operands are transposed beforehand into the layout Eigen's kernel reads (x as CHWN, g as
+  HWNC), so `dw` minus this is what the two transposes cost."""
+  xt, gt = jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3))
+  p = k // 2
+  kernel = compile_fn(lambda a, b: lax.conv_general_dilated(
+      a, b, (1, 1), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')), xt, gt,
+                      options=options)[0]
+  return lambda x, w, g: kernel(xt, gt)
+
+
 def run_layers(args):
   """Per-layer forward / input-gradient / weight-gradient time: plain XLA, cnn_arch.ops' op and
   its CPU default ('auto'), and with --xla_option also under those compile options ('+opt').
 
   The variants are interleaved and each reported time is the minimum over 3 rounds of the
-  median of --steps calls, the most load-robust statistic on a shared machine.
+  median of --steps calls, the most load-robust statistic on a shared machine. Stride-1 layers
+  also report `xla_dw_kernel_ms`, the weight-gradient kernel without its input transposes.
   """
   variants = {conv: (fn, {}) for conv, fn in CONVS.items()}
   if args.xla_options:
@@ -402,6 +415,8 @@ def run_layers(args):
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / np.sqrt(k * k * cin)
     g = jax.random.normal(jax.random.key(2), (args.batch, -(-size // s), -(-size // s), cout))
     fns = {v: layer_fns(fn, k, s, x, w, g, opts) for v, (fn, opts) in variants.items()}
+    if s == 1:
+      fns['xla']['dw_kernel'] = weight_grad_kernel_fn(k, x, g)
     best = {}
     for _ in range(3):
       for v, parts in fns.items():

@@ -309,15 +309,31 @@ print(bool((ref == run('')).all()),
   assert out.stdout.split()[-2:] == ['True', 'False']
 
 
-def test_benchmark_smoke_and_frozen_step_moves_only_the_head(tmp_path):
-  """experiments/benchmark.py end to end on a tiny ResNet-18, and its frozen-prefix step."""
+def _benchmark_module():
   import importlib.util  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(__file__).parents[1] / 'experiments' / 'benchmark.py'
   spec = importlib.util.spec_from_file_location('benchmark', path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
+  return bench
+
+
+def test_benchmark_weight_gradient_kernel_is_the_weight_gradient_without_transposes():
+  """`--suite=layers` times XLA's weight-gradient convolution on pre-transposed operands as
+  the kernel's share of `dw`: it must compute the same weight gradient."""
+  bench = _benchmark_module()
+  x, w = _inputs(3, 6, 5, 4, 6, 3, 1)
+  g = jnp.asarray(np.random.default_rng(1).standard_normal((3, 6, 5, 6)), jnp.float32)
+  dw = bench.layer_fns(lax.conv_general_dilated, 3, 1, x, w, g)['dw'](x, w, g)
+  kernel = bench.weight_grad_kernel_fn(3, x, g)(x, w, g)  # (C, kh, kw, O)
+  _assert_close(jnp.transpose(kernel, (1, 2, 0, 3)), dw)
+
+
+def test_benchmark_smoke_and_frozen_step_moves_only_the_head(tmp_path):
+  """experiments/benchmark.py end to end on a tiny ResNet-18, and its frozen-prefix step."""
+  import json  # pylint: disable=g-import-not-at-top
+  bench = _benchmark_module()
   out = tmp_path / 'bench.jsonl'
   args = bench.parse_args(['--cifar_stem', '--width=0.125', '--batch=2', '--image_size=8',
                            '--freeze_depth=5', '--conv=xla', f'--out={out}'])
