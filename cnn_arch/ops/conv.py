@@ -14,6 +14,9 @@ This op keeps XLA's forward convolution and replaces the backward pass (a `jax.c
   strided convolution, one such convolution per input phase (the sub-pixel decomposition of
   Shi et al., 2016), so no `lhs_dilation` and no multiplications by inserted zeros.
 
+`_Spec.weight_grad='lax'` keeps XLA's own weight gradient instead of the taps (the CPU default
+for dense strided convolutions, where only the input gradient is worth replacing).
+
 Both are exact reformulations (same sums, different order), so results match
 `lax.conv_general_dilated` to float32 rounding. Anything outside NHWC/HWIO layouts, 2-D,
 unit dilation and non-negative padding falls back to `lax.conv_general_dilated` unchanged.
