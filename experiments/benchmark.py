@@ -9,6 +9,7 @@
     python experiments/benchmark.py --suite=layers    # per-layer conv: plain XLA vs cnn_arch.ops
     python experiments/benchmark.py --suite=lecture   # ResNet-50 vs ResNeXt-50, BN vs GN
     python experiments/benchmark.py --suite=frozen    # frozen-head vs full training step
+    python experiments/benchmark.py --suite=profile --cifar_stem   # where the CPU step's time goes
     python experiments/benchmark.py --model=resnet50 --image_size=224 --batch=256 \
         --dtype=bfloat16 --steps=20   # on a GPU: img/s and train_vs_ceiling (bf16 matmul rate)
 
@@ -22,10 +23,14 @@ images/s with 2 threads, channels-last, same batch and float32. Numbers are in B
 """
 
 import argparse
+import collections
+import glob
 import json
 import os
+import re
 import resource
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,7 +54,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--suite', default='single',
                  choices=('single', 'convs', 'options', 'vs_torch', 'layers', 'lecture',
-                          'frozen'))
+                          'frozen', 'profile'))
   p.add_argument('--model', default='resnet18')
   p.add_argument('--image_size', type=int, default=32)
   p.add_argument('--batch', type=int, default=128)
@@ -431,13 +436,76 @@ def run_layers(args):
     emit(result, args.out)
 
 
+def xla_cpu_events(profile):
+  """(op name, start ns, duration ns) of the XLA ops in a `jax.profiler.ProfileData`'s host plane.
+
+  XLA:CPU records one event per executed HLO instruction on its thread-pool lines (`tf_XLA*`),
+  next to runtime spans (`ThunkExecutor::Execute`, `end: ...`) that are not ops and are skipped.
+  """
+  plane = profile.find_plane_with_name('/host:CPU')
+  return [(e.name, e.start_ns, e.duration_ns) for line in plane.lines
+          if line.name.startswith('tf_XLA') for e in line.events
+          if re.fullmatch(r'[\w.-]+', e.name)]
+
+
+def _covered_ns(intervals):
+  """Length of the union of (start, end) intervals."""
+  total, end = 0.0, -np.inf
+  for s, e in sorted(intervals):
+    total += max(0.0, e - max(s, end))
+    end = max(end, e)
+  return total
+
+
+def op_times(events, steps):
+  """Per op category (HLO name without its `.N` suffix, e.g. `transpose_copy_fusion`), per step:
+  {category: (thread ms, wall ms its events cover, count)}, and the wall ms all ops cover."""
+  by_op = collections.defaultdict(list)
+  for name, start, duration in events:
+    by_op[re.sub(r'\.\d+$', '', name)].append((start, start + duration))
+  per_step = lambda ns: ns / steps / 1e6
+  ops = {op: (per_step(sum(e - s for s, e in iv)), per_step(_covered_ns(iv)), len(iv) / steps)
+         for op, iv in by_op.items()}
+  return ops, per_step(_covered_ns([iv for ivs in by_op.values() for iv in ivs]))
+
+
+def run_profile(args):
+  """Where the train step's time goes on XLA:CPU: a `jax.profiler` trace of --steps steps, per
+  op category (`op_times`), largest first, then a summary line.
+
+  XLA:CPU's trace times fusions, copies and YNNPACK calls, but an Eigen convolution's event only
+  marks its launch (the kernel runs asynchronously), so the step time the timed ops leave
+  uncovered, `untimed_ms`, is the convolution kernels (and any idle time).
+  """
+  if jax.default_backend() != 'cpu':
+    raise ValueError(f'--suite=profile reads XLA:CPU traces; on {jax.default_backend()}, '
+                     'record one with jax.profiler.trace and open it in TensorBoard/XProf.')
+  s = setup_jax(args)
+  fn, fn_args = s['train']
+  step_ms = 1e3 * timed(fn, *fn_args, steps=args.steps)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.steps):
+        jax.block_until_ready(fn(*fn_args))
+    path, = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)
+    events = xla_cpu_events(jax.profiler.ProfileData.from_file(path))
+  ops, ops_wall_ms = op_times(events, args.steps)
+  info = {k: s['info'][k] for k in ('model', 'batch', 'image_size', 'conv', 'frozen', 'norm')}
+  for op, (thread_ms, wall_ms, count) in sorted(ops.items(), key=lambda kv: -kv[1][0]):
+    if thread_ms >= 0.5:
+      emit(dict(info, suite='profile', op=op, thread_ms=thread_ms, wall_ms=wall_ms,
+                per_step=count), args.out)
+  emit(dict(info, suite='profile', step_ms=step_ms, ops_wall_ms=ops_wall_ms,
+            untimed_ms=step_ms - ops_wall_ms), args.out)
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.malloc == 'keep':
     memory.keep_freed_memory()
   suites = {'single': run_single, 'convs': run_convs, 'options': run_options,
             'vs_torch': run_vs_torch, 'layers': run_layers, 'frozen': run_frozen,
-            'lecture': run_lecture}
+            'lecture': run_lecture, 'profile': run_profile}
   suites[args.suite](args)
 
 

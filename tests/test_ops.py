@@ -348,3 +348,31 @@ def test_benchmark_smoke_and_frozen_step_moves_only_the_head(tmp_path):
              if any(np.any(a != b) for a, b in zip(jax.tree.leaves(params[k]),
                                                    jax.tree.leaves(new_params[k])))}
   assert changed == {'head'}
+
+
+def test_benchmark_profile_sums_threads_and_unions_wall_time_per_op_category():
+  """`--suite=profile`: an op category's thread time adds its events, its wall time counts time
+  covered on any thread once, and `.N` suffixes of one category merge; per step."""
+  bench = _benchmark_module()
+  ms = 1e6
+  events = [('transpose_copy_fusion.3', 0, 10 * ms), ('transpose_copy_fusion.7', 5 * ms, 10 * ms),
+            ('ynn_fusion', 30 * ms, 4 * ms), ('transpose_copy_fusion.3', 100 * ms, 10 * ms)]
+  ops, wall = bench.op_times(events, steps=2)
+  assert ops == {'transpose_copy_fusion': (15.0, 12.5, 1.5), 'ynn_fusion': (2.0, 2.0, 0.5)}
+  assert wall == 14.5
+
+
+def test_benchmark_profile_reads_only_xla_op_events():
+  """Runtime spans (ThunkExecutor, `end:` markers) and non-XLA threads are not ops."""
+  bench = _benchmark_module()
+  names = {1: 'transpose_copy_fusion.3', 2: 'ThunkExecutor::Execute', 3: 'end: ynn_fusion',
+           4: 'convolution-window-dilated'}
+  meta = ''.join(f'event_metadata {{ key: {k} value {{ id: {k} name: "{v}" }} }}\n'
+                 for k, v in names.items())
+  events = ''.join(f'events {{ metadata_id: {k} offset_ps: {k}000000 duration_ps: 2000000 }}\n'
+                   for k in names)
+  text = (f'planes {{ name: "/host:CPU" lines {{ name: "tf_XLAEigen/1" timestamp_ns: 0\n{events}}}'
+          f' lines {{ name: "python" timestamp_ns: 0\n{events}}}\n{meta}}}')
+  profile = jax.profiler.ProfileData.from_text_proto(text)
+  assert bench.xla_cpu_events(profile) == [('transpose_copy_fusion.3', 1000.0, 2000.0),
+                                           ('convolution-window-dilated', 4000.0, 2000.0)]
