@@ -392,15 +392,14 @@ def layer_fns(conv, k, s, x, w, g, options=None):
           for part, fn in fns.items()}
 
 
-def weight_grad_kernel_fn(k, x, g, options=None):
+def weight_grad_kernel_fn(k, x, g):
   """XLA's stride-1 weight-gradient convolution alone, as a (x, w, g) timing closure: its
   operands are transposed beforehand into the layout Eigen's kernel reads (x as CHWN, g as
   HWNC), so `dw` minus this is what the two transposes cost."""
   xt, gt = jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3))
   p = k // 2
   kernel = compile_fn(lambda a, b: lax.conv_general_dilated(
-      a, b, (1, 1), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')), xt, gt,
-                      options=options)[0]
+      a, b, (1, 1), ((p, p), (p, p)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')), xt, gt)[0]
   return lambda x, w, g: kernel(xt, gt)
 
 
