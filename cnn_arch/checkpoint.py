@@ -9,28 +9,46 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 mid-save never leaves a step that `latest_step()` would pick up.
 """
 
+import errno
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-ITEMS = ('variables', 'train', 'meta')
+
+def _registry() -> ocp.DefaultCheckpointHandlerRegistry:
+  """The handler of each item, for saving and restoring: arrays (orbax's standard PyTree
+  handler) for `variables` and `train`, JSON for `meta`."""
+  registry = ocp.DefaultCheckpointHandlerRegistry()
+  for item, handler, save, restore in (
+      ('variables', ocp.StandardCheckpointHandler(), ocp.args.StandardSave,
+       ocp.args.StandardRestore),
+      ('train', ocp.StandardCheckpointHandler(), ocp.args.StandardSave, ocp.args.StandardRestore),
+      ('meta', ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore)):
+    registry.add(item, save, handler)
+    registry.add(item, restore, handler)
+  return registry
 
 
 def manager(directory: str, *, keep: int | None = None, best_metric: str | None = None,
             keep_best: int | None = None) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last `keep` steps, plus the best `keep_best` by metric."""
+  """A CheckpointManager keeping the last `keep` steps (all if None), or, with `best_metric`,
+  the best `keep_best` by that metric (higher is better)."""
   best = best_metric is not None and keep_best
+  metric = (lambda m: m[best_metric]) if best else None
+  policy = (ocp_managers.BestN(get_metric_fn=metric, n=keep_best) if best else
+            ocp_managers.LatestN(keep))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=(keep_best if best else keep),
-      best_fn=(lambda m: m[best_metric]) if best else None, best_mode='max',
-      keep_checkpoints_without_metrics=True, create=True,
+      best_fn=metric, best_mode='max', preservation_policy=policy, create=True,
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS, options=options)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               handler_registry=_registry())
 
 
 def resolve(path: str) -> str:
@@ -60,9 +78,7 @@ def load_pretrained(path: str, step: int | None = None) -> tuple[dict, dict[str,
   slice): orbax would otherwise insist on the saving topology.
   """
   directory = resolve(path)
-  handlers = dict(variables=ocp.StandardCheckpointHandler(),
-                  train=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
-  with ocp.CheckpointManager(directory, item_names=ITEMS, item_handlers=handlers) as mngr:
+  with ocp.CheckpointManager(directory, handler_registry=_registry()) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{directory} holds no complete checkpoint step.')
@@ -76,10 +92,35 @@ def load_pretrained(path: str, step: int | None = None) -> tuple[dict, dict[str,
 
 def save_state(mngr: ocp.CheckpointManager, step: int, variables: dict, train: dict,
                meta: dict, metrics: dict | None = None):
-  """Saves one training step: variables, optimizer state/step/RNG, and JSON metadata."""
-  mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
-      meta=ocp.args.JsonSave(meta)))
+  """Saves one training step: variables, optimizer state/step/RNG, and JSON metadata.
+
+  A save that fails for want of space removes its partial files and raises an OSError that says
+  so; the steps saved before it are untouched (orbax renames a step into place only when whole).
+  """
+  try:
+    mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
+        meta=ocp.args.JsonSave(meta)))
+  except Exception as e:  # tensorstore reports ENOSPC as a ValueError or an OSError
+    if not _out_of_space(e):
+      raise
+    directory = str(mngr.directory)
+    for name in os.listdir(directory):
+      if name.startswith(f'{step}.') and 'tmp' in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    mngr.reload()
+    raise OSError(errno.ENOSPC, f'No space left on the device while saving checkpoint step '
+                  f'{step} in {directory}; the checkpoints already there (steps '
+                  f'{mngr.all_steps()}) are intact. Free space or use a --workdir on a larger '
+                  'disk, then run the same command to resume.') from e
+
+
+def _out_of_space(e: BaseException | None) -> bool:
+  while e is not None:
+    if getattr(e, 'errno', None) == errno.ENOSPC or 'No space left' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train: Any):

@@ -2,14 +2,20 @@
 
 `base()` holds every hyperparameter the trainer reads, with defaults that run on the embedded
 offline `digits` dataset; the family config files change what differs, and `variant` applies a
-`--config=configs/X.py:VARIANT` preset. `train_setup.make_setup` checks a config against the model
-and dataset before anything is compiled, so a bad value costs seconds.
+`--config=configs/X.py:VARIANT` preset. `validate` checks every value against `RULES`, the
+schema's ranges, and `train_setup.make_setup` checks the config against the model and dataset;
+both run before anything is compiled or written, so a bad value costs seconds.
 """
+
+import math
+import numbers
 
 from ml_collections import ConfigDict  # re-exported for configs/*.py
 from ml_collections.config_dict import placeholder
 
-DTYPES = ('float32', 'bfloat16')
+from cnn_arch.models.common import NORMS
+
+DTYPES = ('float32', 'bfloat16', 'float64')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -85,6 +91,171 @@ def base() -> ConfigDict:
   c.checkpoint.keep = 2
   c.checkpoint.keep_best = True  # Also keep the best step by validation top-1 in WORKDIR/best.
   return c
+
+
+########## The valid range of every value, checked before a run compiles or writes anything.
+
+
+class Rule:
+  """A check of one config value: `ok(value)` and the range in words, for the error message."""
+
+  def __init__(self, ok, valid: str, hint: str = ''):
+    self.ok, self.valid, self.hint = ok, valid, hint
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int, hi: int | None = None, optional: bool = False) -> Rule:
+  valid = f'an integer >= {lo}' if hi is None else f'an integer in [{lo}, {hi}]'
+  return Rule(lambda v: (optional and v is None) or (
+      _is_int(v) and lo <= v and (hi is None or v <= hi)), valid + (' or None' if optional else ''))
+
+
+def real(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+         optional: bool = False) -> Rule:
+  """A finite number in the interval; `*_open` excludes that end."""
+  left, right = '(' if lo_open else '[', ')' if hi_open or hi is None else ']'
+  valid = f'a finite number in {left}{lo}, {"inf" if hi is None else hi}{right}'
+
+  def ok(v):
+    if optional and v is None:
+      return True
+    if not _is_real(v) or v < lo or (lo_open and v == lo):
+      return False
+    return hi is None or v < hi or (v == hi and not hi_open)
+  return Rule(ok, valid + (' or None' if optional else ''))
+
+
+def choice(*options) -> Rule:
+  return Rule(lambda v: v in options, 'one of ' + ', '.join(repr(o) for o in options))
+
+
+def boolean() -> Rule:
+  return Rule(lambda v: isinstance(v, bool), 'True or False')
+
+
+def text(optional: bool = False, empty: bool = False) -> Rule:
+  return Rule(lambda v: (optional and v is None) or (isinstance(v, str) and (empty or v != '')),
+              'a string' + ('' if empty else ', not empty') + (' or None' if optional else ''))
+
+
+def ints(optional: bool = False) -> Rule:
+  return Rule(lambda v: (optional and v is None) or (
+      isinstance(v, (tuple, list)) and len(v) > 0 and all(_is_int(x) and x >= 0 for x in v)),
+      'a non-empty tuple of label ids >= 0' + (' or None' if optional else ''),
+      hint="a tuple, even for one class: --config.data.classes='(5,)'")
+
+
+def per_channel(positive: bool) -> Rule:
+  return Rule(lambda v: v is None or (
+      isinstance(v, (tuple, list)) and len(v) in (1, 3)
+      and all(_is_real(x) and (x > 0 if positive else True) for x in v)),
+      f'None or a tuple of 1 or 3 finite numbers{" > 0" if positive else ""}')
+
+
+def increasing(optional: bool = False) -> Rule:
+  return Rule(lambda v: (optional and v is None) or (
+      isinstance(v, (tuple, list)) and all(_is_real(x) and x >= 0 for x in v)
+      and list(v) == sorted(v)), 'a tuple of epochs >= 0 in increasing order')
+
+
+OPTIMIZERS, SCHEDULES = ('sgd', 'adamw'), ('cosine', 'step', 'constant')
+ON_NONFINITE, CACHE_FEATURES = ('stop', 'skip'), ('auto', 'on', 'off')
+MAX_IMAGE_SIZE = 4096
+
+RULES = {
+    'seed': integer(0),
+    'model.name': text(),
+    'model.num_classes': Rule(integer(0).ok, 'an integer >= 0 (0: the dataset\'s class count)'),
+    'model.dtype': choice(*DTYPES),
+    'model.options.width': real(0, 16, lo_open=True),
+    'model.options.norm': choice(*NORMS),
+    'model.options.cifar_stem': boolean(),
+    'model.options.transform_input': boolean(),
+    'data.name': text(),
+    'data.data_dir': text(optional=True),
+    'data.folder': text(optional=True),
+    'data.manual_dir': text(optional=True),
+    'data.train_split': text(),
+    'data.eval_split': text(),
+    'data.image_size': integer(1, MAX_IMAGE_SIZE, optional=True),
+    'data.mean': per_channel(positive=False),
+    'data.std': per_channel(positive=True),
+    'data.augment': boolean(),
+    'data.classes': ints(optional=True),
+    'data.per_class': integer(1, optional=True),
+    'data.fraction': real(0, 1, lo_open=True, optional=True),
+    'data.subset_seed': integer(0),
+    'data.download': boolean(),
+    'data.cache': boolean(),
+    'data.shuffle_buffer': integer(1),
+    'optim.name': choice(*OPTIMIZERS),
+    'optim.learning_rate': real(0, lo_open=True),
+    'optim.momentum': real(0, 1, hi_open=True),
+    'optim.nesterov': boolean(),
+    'optim.b1': real(0, 1, hi_open=True),
+    'optim.b2': real(0, 1, hi_open=True),
+    'optim.weight_decay': real(0),
+    'optim.schedule': choice(*SCHEDULES),
+    'optim.warmup_epochs': real(0),
+    'optim.step_epochs': increasing(),
+    'optim.step_factor': real(0, lo_open=True),
+    'optim.label_smoothing': real(0, 1, hi_open=True),
+    'optim.aux_loss_weight': real(0),
+    'optim.backbone_lr_mult': real(0),
+    'optim.grad_clip': Rule(real(0).ok, 'a finite number >= 0 (0: off)'),
+    'train.batch_size': integer(1),
+    'train.eval_batch_size': integer(1),
+    'train.num_epochs': real(0, lo_open=True),
+    'train.log_every_steps': integer(1),
+    'train.eval_every_epochs': real(0, lo_open=True),
+    'train.on_nonfinite': choice(*ON_NONFINITE),
+    'finetune.init_from': text(empty=True),
+    'finetune.freeze_depth': integer(0),
+    'finetune.cache_features': choice(*CACHE_FEATURES),
+    'finetune.cache_max_mb': real(0),
+    'checkpoint.every_steps': integer(1),
+    'checkpoint.keep': integer(1),
+    'checkpoint.keep_best': boolean(),
+}
+_MISSING = object()
+
+
+def _lookup(c: ConfigDict, key: str):
+  for part in key.split('.'):
+    if not isinstance(c, ConfigDict) or part not in c:
+      return _MISSING
+    c = c[part]
+  return c
+
+
+def validate(c: ConfigDict) -> None:
+  """Raises a ValueError naming the key, its value, the valid range and the fix.
+
+  Every key of `RULES` that the config has is checked (model options only where the model has
+  them), plus the ranges that depend on two keys.
+  """
+  for key, rule in RULES.items():
+    value = _lookup(c, key)
+    if value is not _MISSING and not rule.ok(value):
+      fix = f'pass --config.{key}=VALUE with {rule.hint or "a value in that range"}'
+      raise ValueError(f'Config value {key}={value!r} is out of range: it must be {rule.valid}. '
+                       f'Fix: {fix}.')
+  if None not in (_lookup(c, 'data.per_class'), _lookup(c, 'data.fraction')) and _MISSING not in (
+      _lookup(c, 'data.per_class'), _lookup(c, 'data.fraction')):
+    raise ValueError('Config values data.per_class and data.fraction are both set: a view takes '
+                     'N examples per class or a fraction, not both. Fix: set one of them to None.')
+  warmup, epochs = _lookup(c, 'optim.warmup_epochs'), _lookup(c, 'train.num_epochs')
+  if _MISSING not in (warmup, epochs) and warmup > epochs:
+    raise ValueError(f'Config value optim.warmup_epochs={warmup!r} is longer than '
+                     f'train.num_epochs={epochs!r}: the learning rate would never reach its peak. '
+                     'Fix: lower optim.warmup_epochs or raise train.num_epochs.')
 
 
 VARIANTS = ('digits', 'cifar10', 'cifar100', 'cifar10_finetune')

@@ -8,23 +8,18 @@ fine-tune from it with `--config.finetune.init_from=DIR`.
 """
 
 import argparse
-import ast
 import json
 import os
 import sys
 
-from cnn_arch import checkpoint, weights
+from cnn_arch import checkpoint, models, weights
 
 
-def parse_option(text: str) -> tuple[str, object]:
-  """'width=0.5' -> ('width', 0.5); values are Python literals, else kept as strings."""
-  key, sep, value = text.partition('=')
-  if not sep or not key:
-    raise argparse.ArgumentTypeError(f'--option takes KEY=VALUE, got {text!r}.')
+def _option(text: str) -> tuple[str, object]:
   try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
+    return models.parse_option(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,18 +32,26 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--out', required=True, help='checkpoint directory to write')
   parser.add_argument('--num_classes', type=int, default=None,
                       help="classifier outputs (default: read from the state dict)")
-  parser.add_argument('--option', type=parse_option, action='append', default=[],
+  parser.add_argument('--option', type=_option, action='append', default=[],
                       metavar='KEY=VALUE', help='a further model option, e.g. width=0.5')
+  parser.add_argument('--verbose', action='store_true', help='show the traceback of an error')
   args = parser.parse_args(argv)
   try:
     _, variables, meta = weights.convert_torchvision(
         args.arch, args.src, num_classes=args.num_classes, **dict(args.option))
-  except (ImportError, OSError, ValueError) as e:  # a bad source or option: say why, no trace
-    parser.exit(2, f'{parser.prog}: error: {e}\n')
+  except Exception as e:  # a truncated file, another architecture's weights: say why, no trace
+    if args.verbose:
+      raise
+    parser.exit(2, f'{parser.prog}: error: {_one_line(e)} (--verbose shows the traceback)\n')
   meta['file'] = os.path.basename(args.src)
   checkpoint.save_pretrained(args.out, variables, meta)
   print(f'Wrote {args.out}: {json.dumps(meta)}')
   return meta
+
+
+def _one_line(e: Exception) -> str:
+  text = ' '.join(str(e).split())
+  return text if isinstance(e, (ValueError, OSError)) else f'{type(e).__name__}: {text}'
 
 
 if __name__ == '__main__':

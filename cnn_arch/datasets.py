@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import socket
 
 import numpy as np
 import tensorflow as tf
@@ -75,7 +76,64 @@ def _folder_builder(folder: str | None) -> tfds.core.DatasetBuilder:
     hint = (f' Sub-folders {flat[:3]} hold images directly: move them under a split folder, '
             f'e.g. {os.path.join(folder, "train", flat[0])}.' if flat else '')
     raise ValueError(f'No images found in folder {folder!r}: {layout}.{hint}')
+  _check_folder(folder)
   return builder
+
+
+IMAGE_MAGIC = {'.png': (b'\x89PNG',), '.jpg': (b'\xff\xd8',), '.jpeg': (b'\xff\xd8',)}
+
+
+def _check_folder(folder: str) -> None:
+  """Refuses, naming the path, what would fail later or train on nonsense: a class folder with
+  no images, a class that a split has and 'train' lacks, a file that is no PNG/JPEG image."""
+  classes = {}
+  for split in sorted(os.listdir(folder)):
+    split_dir = os.path.join(folder, split)
+    if not os.path.isdir(split_dir):
+      continue
+    classes[split] = set()
+    for name in sorted(os.listdir(split_dir)):
+      class_dir = os.path.join(split_dir, name)
+      if not os.path.isdir(class_dir):
+        continue
+      images = [f for f in sorted(os.listdir(class_dir))
+                if os.path.splitext(f)[1].lower() in IMAGE_MAGIC]
+      if not images:
+        raise ValueError(f'Class folder {class_dir} holds no .png/.jpg/.jpeg image; add images '
+                         'or remove the folder.')
+      for f in images:
+        with open(os.path.join(class_dir, f), 'rb') as image:
+          if not image.read(4).startswith(IMAGE_MAGIC[os.path.splitext(f)[1].lower()]):
+            raise ValueError(f'{os.path.join(class_dir, f)} is not a {os.path.splitext(f)[1]} '
+                             'image; convert it or remove it.')
+      classes[split].add(name)
+  for split, names in classes.items():
+    missing = sorted(names - classes.get('train', names))
+    if missing:
+      raise ValueError(f'Split {split!r} of folder {folder!r} has class(es) {missing} that '
+                       f"'train' lacks (e.g. {os.path.join(folder, split, missing[0])}); a model "
+                       "trained on 'train' cannot predict them: add training images or remove "
+                       'the folder.')
+
+
+DOWNLOAD_HOST = ('storage.googleapis.com', 443)  # where tfds looks for prepared datasets first
+ONLINE_TIMEOUT_S = 3
+
+
+_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
+
+
+def _downloads(builder) -> bool:
+  """False under `tfds.testing.mock_data`, which replaces the download with a no-op."""
+  return type(builder).download_and_prepare is _DOWNLOAD_AND_PREPARE
+
+
+def _online() -> bool:
+  try:
+    socket.create_connection(DOWNLOAD_HOST, timeout=ONLINE_TIMEOUT_S).close()
+    return True
+  except OSError:
+    return False
 
 
 def _download_help(builder, spec: Spec, error: Exception) -> str:
@@ -102,6 +160,9 @@ def prepared_builder(spec: Spec) -> tfds.core.DatasetBuilder:
     return builder
   if not spec.download and spec.name != 'digits':
     raise ValueError(_download_help(builder, spec, RuntimeError('data.download is False')))
+  if spec.name != 'digits' and _downloads(builder) and not _online():  # tfds would retry
+    raise RuntimeError(_download_help(builder, spec, ConnectionError(
+        f'no network: {DOWNLOAD_HOST[0]} did not answer within {ONLINE_TIMEOUT_S} s')))
   # `digits` never touches the network: no GCS lookup, nothing to download.
   config = tfds.download.DownloadConfig(manual_dir=spec.manual_dir,
                                         try_download_gcs=spec.name != 'digits')
@@ -160,12 +221,6 @@ def check_view(spec: Spec, num_classes: int) -> None:
     if not spec.classes or bad or len(set(spec.classes)) != len(spec.classes):
       raise ValueError(f'data.classes={list(spec.classes)} must be distinct label ids in '
                        f'[0, {num_classes}) of {spec.name!r}' + (f'; {bad} are not.' if bad else '.'))
-  if spec.per_class is not None and spec.fraction is not None:
-    raise ValueError('Set at most one of data.per_class and data.fraction.')
-  if spec.per_class is not None and (int(spec.per_class) != spec.per_class or spec.per_class < 1):
-    raise ValueError(f'data.per_class={spec.per_class} must be a positive integer.')
-  if spec.fraction is not None and not 0 < spec.fraction <= 1:
-    raise ValueError(f'data.fraction={spec.fraction} must be in (0, 1].')
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ Running the same command again resumes from the latest checkpoint in the workdir
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,7 +26,10 @@ _CACHE_DIR = flags.DEFINE_string(
     'compilation_cache', os.path.expanduser('~/.cache/cnn_arch/xla'),
     'JAX\'s persistent compilation cache: a rerun or a sweep compiles each program once. '
     '"" turns it off.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Show the traceback of an error, not one line.')
 flags.mark_flags_as_required(['config'])
+# What a bad config, dataset, workdir or checkpoint raises: one line with the fix is enough.
+_USER_ERRORS = (ValueError, RuntimeError, OSError, FloatingPointError)
 
 
 def _hide_accelerators_from_tensorflow():
@@ -59,12 +63,18 @@ def main(argv):
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join('runs', config_name)
-  results = train.train_and_evaluate(_CONFIG.value, workdir, _ON_CHANGE.value)
+  try:
+    results = train.train_and_evaluate(_CONFIG.value, workdir, _ON_CHANGE.value)
+  except _USER_ERRORS as e:
+    if _VERBOSE.value:
+      raise
+    sys.exit(f'cnn_arch.main: error: {" ".join(str(e).split())} (--verbose shows the traceback)')
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in results.items()))
   print(f'Results, metrics and checkpoints are in {workdir}/')
   if results['preempted']:
-    print('Stopped early by SIGTERM after saving a checkpoint; run the same command to resume.')
+    print(f'Stopped early by {results["stopped_by"]} after saving a checkpoint; run the same '
+          'command to resume.')
 
 
 if __name__ == '__main__':

@@ -11,9 +11,7 @@ import optax
 from ml_collections import ConfigDict
 
 from cnn_arch import freeze
-
-OPTIMIZERS = ('sgd', 'adamw')
-SCHEDULES = ('cosine', 'step', 'constant')
+from cnn_arch.config import OPTIMIZERS, SCHEDULES
 
 
 def schedule(cfg: ConfigDict, steps_per_epoch: int, total_steps: int, scale: float = 1.0):

@@ -1,10 +1,14 @@
-"""A run's working directory: its recorded config, and stopping cleanly when preempted.
+"""A run's working directory: one run at a time, its recorded config, and stopping cleanly.
 
-Re-running a command resumes its workdir, so the workdir must not silently mix two configs:
-`claim` refuses a workdir that holds a run of another config unless told to `resume` it under
-the new config (e.g. a longer schedule) or `restart` (the old run is moved aside, not deleted).
+Re-running a command resumes its workdir, so the workdir must not silently mix two runs: `Lock`
+holds an exclusive lock on the workdir for the run's life, so a second run started on the
+same workdir refuses at once, and `claim` refuses a workdir that holds a run of another config
+unless told to `resume` it under the new config (e.g. a longer schedule) or `restart` (the old
+run is moved aside, not deleted).
 """
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -31,11 +35,52 @@ def _flatten(d: dict, prefix: str = '') -> dict:
   return out
 
 
+def make(workdir: str) -> None:
+  """Creates the workdir, or raises a one-line error saying why it cannot be used."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise PermissionError(errno.EACCES, 'not writable')
+  except OSError as e:
+    if os.path.isfile(workdir):
+      raise ValueError(f'--workdir={workdir} cannot be used: it is a file; choose another '
+                       '--workdir or move the file away.') from None
+    raise ValueError(f'--workdir={workdir} cannot be used ({e.strerror}); choose a directory '
+                     'this user can create and write, e.g. --workdir=runs/NAME.') from None
+
+
+class Lock:
+  """An exclusive `flock` on the workdir itself, held while a run uses it (process 0 only).
+
+  The kernel releases it when the process dies, however it dies, so a killed run never leaves
+  a stale lock behind, and nothing is added to the workdir.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir, self._fd = workdir, None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    self._fd = os.open(self.workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(self._fd)
+      raise RuntimeError(f'--workdir={self.workdir} is in use by another run; wait for it to '
+                         'finish, or use another --workdir.') from None
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      os.close(self._fd)  # releases the lock
+
+
 def claim(workdir: str, config: ConfigDict, on_change: str = 'refuse'):
   """Writes WORKDIR/config.json, after checking any run already there used the same config."""
   if on_change not in ON_CHANGE:
     raise ValueError(f'on_config_change={on_change!r}; choose one of {ON_CHANGE}.')
-  os.makedirs(workdir, exist_ok=True)
+  make(workdir)
   path = os.path.join(workdir, 'config.json')
   new = json.loads(config.to_json())
   old = json.load(open(path)) if os.path.exists(path) else None
@@ -68,32 +113,38 @@ def _all_hosts_reach(name: str):
 
 
 class Preemption:
-  """Turns SIGTERM (Slurm, Kubernetes, preemptible VMs) into a stop at a step boundary.
+  """Turns SIGTERM (Slurm, Kubernetes, preemptible VMs) and SIGINT (Ctrl-C) into a stop at a
+  step boundary, after a checkpoint; a second Ctrl-C interrupts at once.
 
   On one host a Python handler sets a flag. On several hosts every host must stop at the same
   step, or the others wait forever in the next collective: jax.distributed's preemption service
   catches SIGTERM on any host and agrees with the others on the step to stop at.
   """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = None  # 'SIGTERM' or 'SIGINT' once one arrived
+    self._previous = {}
 
   def __enter__(self):
     single = jax.process_count() == 1
     if single and threading.current_thread() is threading.main_thread():  # signals reach only it
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested, self.signal_name = True, signal.Signals(signum).name
 
   def stop(self, step: int) -> bool:
     """Whether to save and stop after `step`; call it once per step, on every host."""
     if jax.process_count() > 1 and not self.requested:
       self.requested = multihost_utils.reached_preemption_sync_point(step)
+      self.signal_name = 'SIGTERM' if self.requested else None
     return self.requested
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)

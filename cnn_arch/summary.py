@@ -10,13 +10,13 @@ The numbers come from `cnn_arch.analysis.analyze` (a dataflow walk over the trac
 """
 
 import argparse
-import ast
 import json
 from typing import Sequence
 
 import flax.linen as nn
 
 from cnn_arch import models
+from cnn_arch.config import MAX_IMAGE_SIZE
 from cnn_arch.analysis import analyze
 
 # The lecture (like Krizhevsky et al.'s arithmetic) feeds AlexNet 227x227 images.
@@ -134,20 +134,6 @@ DEMOS = {'stacked3x3': (lambda args: compare_stacked_3x3(args.channels), stacked
          'inception': (lambda args: compare_inception(), inception_text)}
 
 
-def _parse_options(items: Sequence[str]) -> dict:
-  """`key=value` strings to model options; values are Python literals, or else strings."""
-  options = {}
-  for item in items:
-    key, sep, value = item.partition('=')
-    if not sep or not key:
-      raise ValueError(f'--option expects key=value, got {item!r}; e.g. --option naive=True.')
-    try:
-      options[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):  # a bare word: a string option such as norm=batch
-      options[key] = value
-  return options
-
-
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m cnn_arch.summary',
                               description=__doc__.split('\n', maxsplit=1)[0])
@@ -161,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='cross-check against XLA cost analysis (compiles the model)')
   p.add_argument('--demo', choices=sorted(DEMOS), help='print a lecture comparison instead')
   p.add_argument('--channels', type=int, default=64, help='C of --demo=stacked3x3')
+  p.add_argument('--verbose', action='store_true', help='show the traceback of an error')
   return p
 
 
@@ -174,13 +161,17 @@ def main(argv: Sequence[str] | None = None):
     return
   if not args.model:
     parser.error('give --model=NAME (e.g. --model=alexnet) or --demo.')
+  size = DEFAULT_IMAGE_SIZE.get(args.model, 224) if args.image_size is None else args.image_size
+  if not 1 <= size <= MAX_IMAGE_SIZE:
+    parser.error(f'--image_size={size} is out of range: use 1 to {MAX_IMAGE_SIZE}.')
   try:
     model = models.get_model(args.model, num_classes=args.num_classes,
-                             **_parse_options(args.option))
-  except (ValueError, TypeError) as e:  # unknown model or option: no traceback, just the fix
-    parser.error(str(e))
-  size = args.image_size or DEFAULT_IMAGE_SIZE.get(args.model, 224)
-  report = analyze(model, (1, size, size, 3), name=args.model, xla=args.xla)
+                             **dict(models.parse_option(o) for o in args.option))
+    report = analyze(model, (1, size, size, 3), name=args.model, xla=args.xla)
+  except (ValueError, TypeError) as e:  # unknown model or option, too small: just the fix
+    if args.verbose:
+      raise
+    parser.error(' '.join(str(e).split()))
   print(json.dumps(report, indent=1) if args.json else format_table(report))
 
 

@@ -39,7 +39,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 def cross_entropy(logits, labels, num_classes: int, smoothing: float):
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return optax.softmax_cross_entropy(models.common.upcast(logits), targets)
 
 
 def _keep_frozen(new: dict, old: dict, frozen_keys: tuple) -> dict:
@@ -89,7 +89,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen
 def eval_step(state: TrainState, batch: dict, *, model, num_classes: int, start: int = 0):
   """Sums of loss, top-1 and top-5 hits over the real (mask=1) examples of the global batch."""
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], train=False, start=start).astype(jnp.float32)
+                       batch['image'], train=False, start=start)
   mask = batch['mask'].astype(jnp.float32)
   loss = cross_entropy(logits, batch['label'], num_classes, 0.0)
   top5 = lax.top_k(logits, min(5, num_classes))[1] == batch['label'][:, None]
@@ -210,11 +210,18 @@ def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
 def train_and_evaluate(config: ConfigDict, workdir: str, on_config_change: str = 'refuse'):
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, writes results.
 
-  Returns the results dict; `results['preempted']` is True when SIGTERM stopped the run after
-  saving a checkpoint at a step boundary (running the same command again resumes from it).
+  Returns the results dict; `results['preempted']` is True when SIGTERM or SIGINT stopped the
+  run after saving a checkpoint at a step boundary (`results['stopped_by']` names the signal;
+  running the same command again resumes from it). The workdir is locked for the run's life.
   """
   s = make_setup(config)
-  rundir.claim(workdir, config, on_config_change)
+  rundir.make(workdir)
+  with rundir.Lock(workdir):
+    rundir.claim(workdir, config, on_config_change)
+    return _train(s, config, workdir)
+
+
+def _train(s: Setup, config: ConfigDict, workdir: str) -> dict:
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
   best = (checkpoint.manager(os.path.join(workdir, 'best'), best_metric='top1', keep_best=1)
           if config.checkpoint.keep_best else None)
@@ -233,6 +240,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, on_config_change: str =
   results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
   results['cached_stages'] = s.cache_stages
   results['preempted'] = preemption.requested
+  results['stopped_by'] = preemption.signal_name
   reporting.write_results(workdir, results)
   return results
 
@@ -270,8 +278,8 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
     reporter.advance(step)
     if stop:
       reporter.write('preempted', step, {})
-      logging.warning('Preempted (SIGTERM): saved the checkpoint of step %d and stopped; run '
-                      'the same command to resume from it.', step)
+      logging.warning('Stopped by %s: saved the checkpoint of step %d; run the same command to '
+                      'resume from it.', preemption.signal_name, step)
       break
   if eval_metrics is None:  # resumed after the last step, or preempted before an evaluation
     eval_metrics = evaluate(s, eval_fn, state, evaluation())

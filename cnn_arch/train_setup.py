@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from cnn_arch import checkpoint, feature_cache, freeze, input_pipeline, models, optim
-from cnn_arch.config import DTYPES
+from cnn_arch.config import DTYPES, validate
 
 AXIS = 'batch'
 
@@ -42,6 +42,9 @@ def build_model(config: ConfigDict, num_classes: int):
   """The registered model with the config's options and compute dtype."""
   if config.model.dtype not in DTYPES:
     raise ValueError(f'model.dtype {config.model.dtype!r} is not one of {DTYPES}.')
+  if config.model.dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the "
+                     'environment (float64 is for numerics checks; train in float32).')
   options = dict(config.model.options)
   options['bn_axis_name'] = AXIS  # BatchNorm statistics of the global batch, on any device count
   if config.model.dtype != 'float32':
@@ -59,6 +62,7 @@ def check_batch(batch_size: int, what: str):
 
 def make_setup(config: ConfigDict) -> Setup:
   """Validates `config` against the model and data, and builds the static pieces of a run."""
+  validate(config)
   info = input_pipeline.get_info(config.data)
   num_classes = config.model.num_classes or info.num_classes
   if num_classes < info.num_classes:

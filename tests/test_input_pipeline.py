@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnn_arch import digits
+from cnn_arch import datasets, digits
 from cnn_arch import input_pipeline as ip
 
 # The split table documented in cnn_arch/digits.py.
@@ -279,9 +279,18 @@ def test_folder_errors(tmp_path):
     ip.get_info(_cfg(None, name='folder', folder=str(tmp_path / 'flat')))
   _write_folder(tmp_path / 'bad', {'train': {'cat': 1}, 'test': {'cat': 1}})
   (tmp_path / 'bad' / 'train' / 'cat' / '0.png').write_bytes(b'not a png')
-  cfg = _cfg(None, name='folder', folder=str(tmp_path / 'bad'), image_size=8)
-  with pytest.raises(ValueError, match='Could not decode an image of folder'):
-    next(ip.train_batches(cfg, global_batch_size=1, seed=0))
+  with pytest.raises(ValueError, match=r'^\S+/bad/train/cat/0.png is not a .png image; convert it '
+                                       r'or remove it\.$'):
+    ip.get_info(_cfg(None, name='folder', folder=str(tmp_path / 'bad'), image_size=8))
+  _write_folder(tmp_path / 'nocat', {'train': {'cat': 1, 'dog': 1}, 'test': {'cat': 1}})
+  (tmp_path / 'nocat' / 'train' / 'bird').mkdir()
+  with pytest.raises(ValueError, match=r'^Class folder \S+/nocat/train/bird holds no '
+                                       r'.png/.jpg/.jpeg image'):
+    ip.get_info(_cfg(None, name='folder', folder=str(tmp_path / 'nocat')))
+  _write_folder(tmp_path / 'extra', {'train': {'cat': 1}, 'test': {'cat': 1, 'dog': 1}})
+  with pytest.raises(ValueError, match=r"^Split 'test' of folder \S+ has class\(es\) \['dog'\] "
+                                       r"that 'train' lacks \(e.g. \S+/extra/test/dog\)"):
+    ip.get_info(_cfg(None, name='folder', folder=str(tmp_path / 'extra')))
 
 
 ########## Other errors.
@@ -293,7 +302,22 @@ def test_unknown_dataset_lists_close_names(name, close):
     ip.get_info(_cfg(None, name=name))
 
 
+def test_offline_fails_at_once_without_trying_to_download(tmp_path, monkeypatch):
+  def unreachable(*args, **kwargs):
+    raise OSError('Network is unreachable')
+  tried = []
+  record = lambda *a, **k: tried.append(a)  # stands in for the real download, which would retry
+  monkeypatch.setattr(datasets.socket, 'create_connection', unreachable)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', record)
+  monkeypatch.setattr(datasets, '_DOWNLOAD_AND_PREPARE', record)
+  with pytest.raises(RuntimeError, match=r"'cifar10' is not prepared .*no network: "
+                                         r'storage.googleapis.com did not answer.*tfds build'):
+    ip.get_info(_cfg(str(tmp_path), name='cifar10'))
+  assert tried == []
+
+
 def test_offline_download_failure_says_what_to_do(tmp_path, monkeypatch):
+  monkeypatch.setattr(datasets, '_online', lambda: True)
   def offline(self, *args, **kwargs):
     raise ConnectionError('no network')
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
@@ -310,8 +334,6 @@ def test_view_errors(data_dir):
     ip.get_info(_cfg(data_dir, classes=[1, 8], per_class=125))
   with pytest.raises(ValueError, match=r'\[12\] are not'):
     ip.get_info(_cfg(data_dir, classes=[1, 12]))
-  with pytest.raises(ValueError, match='at most one of'):
-    ip.get_info(_cfg(data_dir, per_class=2, fraction=0.5))
   with pytest.raises(ValueError, match="no split 'valid'; it has"):
     ip.get_info(_cfg(data_dir, eval_split='valid'))
 

@@ -32,8 +32,8 @@ from tests.test_train import tiny_config
 def get_config():
   return tiny_config(**json.loads({sections!r}))
 '''
-# 20 steps, a checkpoint every 2, evaluation only at the end: room to interrupt it four times.
-KILL = dict(train=dict(num_epochs=4.0, eval_every_epochs=100.0),
+# 30 steps, a checkpoint every 2, evaluation only at the end: room to interrupt it five times.
+KILL = dict(train=dict(num_epochs=6.0, eval_every_epochs=100.0),
             checkpoint=dict(every_steps=2, keep=2, keep_best=False))
 # Kills the process inside its second checkpoint save, after the files are written and before
 # orbax's atomic rename: the state a SIGKILL in the middle of a save leaves behind.
@@ -113,41 +113,46 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def interrupted(tmp_path_factory):
-  """The same command run until done: SIGTERM, SIGKILL, SIGKILL mid-save, damaged checkpoint."""
+  """The same command run until done: SIGTERM, SIGINT, SIGKILL, SIGKILL mid-save, a damaged
+  checkpoint."""
   tmp = str(tmp_path_factory.mktemp('interrupted'))
   workdir, ckpts = os.path.join(tmp, 'run'), os.path.join(tmp, 'run', 'checkpoints')
   args = ['-m', 'cnn_arch.main', f'--config={config_file(tmp, "kill", KILL)}',
           f'--workdir={workdir}']
-  seen, logs = {}, [os.path.join(tmp, f'{i}.log') for i in range(4)]
-  proc = start(args, logs[0])  # 1: SIGTERM once the first checkpoint exists
-  wait_until(lambda: steps(ckpts), proc, logs[0])
-  proc.send_signal(signal.SIGTERM)
-  seen['sigterm'] = dict(log=finish(proc, logs[0]), rc=proc.returncode, steps=steps(ckpts),
-                         metrics=metrics(workdir))
+  seen, logs = {}, [os.path.join(tmp, f'{i}.log') for i in range(5)]
+  for i, name in enumerate(('sigterm', 'sigint')):  # 1, 2: once a new checkpoint exists
+    before = max(steps(ckpts), default=0)
+    proc = start(args, logs[i])
+    wait_until(lambda: max(steps(ckpts), default=0) > before, proc, logs[i])
+    proc.send_signal(getattr(signal, name.upper()))
+    seen[name] = dict(log=finish(proc, logs[i]), rc=proc.returncode, steps=steps(ckpts),
+                      metrics=metrics(workdir))
   first = max(steps(ckpts))
-  proc = start(args, logs[1])  # 2: SIGKILL once two more checkpoints exist
-  wait_until(lambda: sum(s > first for s in steps(ckpts)) >= 2, proc, logs[1])
+  proc = start(args, logs[2])  # 3: SIGKILL once two more checkpoints exist
+  wait_until(lambda: sum(s > first for s in steps(ckpts)) >= 2, proc, logs[2])
   proc.kill()
-  seen['sigkill'] = dict(log=finish(proc, logs[1]), rc=proc.returncode, steps=steps(ckpts))
-  proc = start(['-c', KILL_IN_SAVE] + args[2:], logs[2])  # 3: SIGKILL inside a save
-  seen['in_save'] = dict(log=finish(proc, logs[2]), rc=proc.returncode, steps=steps(ckpts),
+  seen['sigkill'] = dict(log=finish(proc, logs[2]), rc=proc.returncode, steps=steps(ckpts))
+  proc = start(['-c', KILL_IN_SAVE] + args[2:], logs[3])  # 4: SIGKILL inside a save
+  seen['in_save'] = dict(log=finish(proc, logs[3]), rc=proc.returncode, steps=steps(ckpts),
                          names=sorted(os.listdir(ckpts)))
-  damaged = max(steps(ckpts))  # 4: the newest complete step loses a file; run to the end
+  damaged = max(steps(ckpts))  # 5: the newest complete step loses a file; run to the end
   os.remove(os.path.join(ckpts, str(damaged), 'variables', 'manifest.ocdbt'))
-  proc = start(args, logs[3])
-  seen['final'] = dict(log=finish(proc, logs[3]), rc=proc.returncode, damaged=damaged)
+  proc = start(args, logs[4])
+  seen['final'] = dict(log=finish(proc, logs[4]), rc=proc.returncode, damaged=damaged)
   return workdir, seen
 
 
-def test_sigterm_saves_the_step_reached_and_exits_cleanly(interrupted):
+@pytest.mark.parametrize('name, resumed_by', [('sigterm', 'sigint'), ('sigint', 'sigkill')])
+def test_sigterm_and_sigint_save_the_step_reached_and_exit_cleanly(interrupted, name,
+                                                                   resumed_by):
   _, seen = interrupted
-  run = seen['sigterm']
+  run = seen[name]
   assert run['rc'] == 0, run['log'][-3000:]
-  assert 'Stopped early by SIGTERM' in run['log'] and 'preempted=True' in run['log']
+  assert f'Stopped early by {name.upper()}' in run['log'] and 'preempted=True' in run['log']
   stopped = [m['step'] for m in run['metrics'] if m['split'] == 'preempted']
   last_trained = [m['step'] for m in run['metrics'] if m['split'] == 'train'][-1]
-  assert stopped == [last_trained] == [max(run['steps'])] and last_trained < 20
-  assert resumed_from(seen['sigkill']['log']) == last_trained  # the restart loses no step
+  assert stopped[-1] == last_trained == max(run['steps']) and last_trained < 30
+  assert resumed_from(seen[resumed_by]['log']) == last_trained  # the restart loses no step
 
 
 def test_sigkill_resumes_from_the_latest_complete_checkpoint(interrupted):
@@ -344,6 +349,118 @@ def test_a_workdir_of_another_config_is_refused_resumed_or_restarted(tmp_path, s
       'checkpoints', 'config.json', 'metrics.jsonl']
   assert os.path.isdir(os.path.join(workdir, second, 'checkpoints', '10'))
   assert sorted(os.listdir(workdir)) == sorted([aside, second, 'config.json'])
+
+
+########## The workdir: one run at a time, a full disk, paths that cannot be used.
+
+
+def test_a_second_run_on_a_busy_workdir_refuses_at_once_and_harms_nothing(tmp_path):
+  tmp = str(tmp_path)
+  workdir = os.path.join(tmp, 'run')
+  args = ['-m', 'cnn_arch.main', f'--workdir={workdir}',
+          f'--config={config_file(tmp, "long", dict(KILL, train=dict(num_epochs=100.0)))}']
+  first = start(args, os.path.join(tmp, 'first.log'))
+  wait_until(lambda: steps(os.path.join(workdir, 'checkpoints')), first,
+             os.path.join(tmp, 'first.log'))
+  config_before = open(os.path.join(workdir, 'config.json')).read()
+  second = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True,
+                          env=cpu_env(), timeout=300)
+  first.send_signal(signal.SIGTERM)
+  log = finish(first, os.path.join(tmp, 'first.log'))
+  assert second.returncode == 1
+  assert second.stderr.strip().splitlines()[-1] == (
+      f'cnn_arch.main: error: --workdir={workdir} is in use by another run; wait for it to '
+      'finish, or use another --workdir. (--verbose shows the traceback)')
+  assert 'Traceback' not in second.stderr
+  assert first.returncode == 0 and 'Stopped early by SIGTERM' in log, log[-3000:]
+  assert open(os.path.join(workdir, 'config.json')).read() == config_before
+  logged = [m['step'] for m in metrics(workdir) if m['split'] == 'train']
+  assert logged == sorted(set(logged))  # one writer: no step logged twice
+  variables, _ = checkpoint.load_pretrained(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """Mounts a small tmpfs: `mount(size, read_only=False)` returns its path (needs root)."""
+  mounted = []
+
+  def mount(size: str, read_only: bool = False):
+    path = tmp_path / f'tmpfs{len(mounted)}'
+    path.mkdir()
+    options = f'size={size}' + (',ro' if read_only else '')
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+      pytest.skip(f'cannot mount a tmpfs here (needs root): {proc.stderr.strip()}')
+    mounted.append(path)
+    return path
+
+  yield mount
+  for path in mounted:
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def fill(directory, leave: int = 256 * 1024):
+  """Writes a file until the disk is full, then frees `leave` bytes of it."""
+  path = os.path.join(directory, 'filler')
+  with open(path, 'wb') as f:
+    try:
+      while True:
+        f.write(b'\0' * 65536)
+        f.flush()
+    except OSError:
+      pass
+  os.truncate(path, max(0, os.path.getsize(path) - leave))
+  return path
+
+
+def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_checkpoints(
+    tmpfs, monkeypatch, uninterrupted):
+  disk = tmpfs('64m')
+  workdir = str(disk / 'run')
+  real, saves, filler = checkpoint.save_state, [], []
+
+  def filling(mngr, step, *args, **kwargs):
+    saves.append(step)
+    if len(saves) == 3:  # the disk fills up just before the third save
+      filler.append(fill(disk))
+    return real(mngr, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, 'save_state', filling)
+  with pytest.raises(OSError, match=r'No space left on the device while saving checkpoint step 6 '
+                                    r'in \S+/checkpoints; the checkpoints already there \(steps '
+                                    r'\[2, 4\]\) are intact\. Free space'):
+    train.train_and_evaluate(tiny_config(**KILL), workdir)
+  monkeypatch.undo()
+  os.remove(filler[0])
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']  # no partial step
+  # The same command resumes from step 4 and ends where an uninterrupted run ends.
+  results = train.train_and_evaluate(tiny_config(**KILL), workdir)
+  reference, expected = uninterrupted
+  assert leaves_equal(checkpoint.load_pretrained(workdir)[0],
+                      checkpoint.load_pretrained(reference)[0])
+  assert (results['top1'], results['loss']) == (expected['top1'], expected['loss'])
+
+
+def test_a_workdir_that_cannot_be_used_is_one_line_naming_it(tmp_path, tmpfs):
+  afile = tmp_path / 'afile'
+  afile.write_text('not a directory')
+  cases = [(afile, r'it is a file; choose another --workdir'),
+           (afile / 'run', r'\(Not a directory\); choose a directory this user can create'),
+           (tmpfs('1m', read_only=True), r'\(not writable\); choose a directory')]
+  for path, message in cases:
+    with pytest.raises(ValueError, match=rf'^--workdir={re.escape(str(path))} cannot be used.*'
+                                         rf'{message}'):
+      rundir.make(str(path))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'cnn_arch.main', f'--workdir={afile}',
+       f'--config={config_file(str(tmp_path), "tiny", {})}'],
+      cwd=ROOT, capture_output=True, text=True, env=cpu_env(), timeout=300)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'cnn_arch.main: error: --workdir={afile} cannot be used: it is a file; choose another '
+      '--workdir or move the file away. (--verbose shows the traceback)')
 
 
 ########## Many hosts: two processes on loopback against one process with two devices.

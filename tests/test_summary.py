@@ -243,4 +243,21 @@ def test_cli_unknown_model_names_the_valid_ones(capsys):
 def test_cli_bad_option_says_the_format(capsys):
   with pytest.raises(SystemExit):
     summary.main(['--model=alexnet', '--option', 'width'])
-  assert '--option expects key=value' in capsys.readouterr().err
+  assert '--option takes KEY=VALUE' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--model=resnet18', '--image_size=0'], '--image_size=0 is out of range: use 1 to 4096.'),
+    (['--model=resnet18', '--image_size=1000000'],
+     '--image_size=1000000 is out of range: use 1 to 4096.'),
+    (['--model=alexnet', '--image_size=16'],
+     'needs images of at least'),
+])
+def test_cli_bad_image_size_is_one_line_with_the_fix(args, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    summary.main(args + ['--no-xla'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err
+  assert err.strip().splitlines()[-1].startswith('python -m cnn_arch.summary: error: ')
+  assert message in err.strip().splitlines()[-1]

@@ -156,6 +156,21 @@ def test_convert_cli_reports_bad_input_without_writing(capsys, tmp_path):
   assert '--option takes KEY=VALUE' in capsys.readouterr().err
 
 
+def test_convert_cli_truncated_file_is_one_line(capsys, tmp_path):
+  whole = tmp_path / 'whole.safetensors'
+  save_file({k: np.asarray(v) for k, v in _state().items()}, str(whole))
+  truncated = tmp_path / 'truncated.safetensors'
+  truncated.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+  out = str(tmp_path / 'converted')
+  with pytest.raises(SystemExit) as e:
+    convert.main(['--arch=resnet18', f'--src={truncated}', f'--out={out}', '--option=width=0.125'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith('python -m cnn_arch.convert: error: ') and 'Traceback' not in err
+  assert len(err.strip().splitlines()) == 1 and '--verbose shows the traceback' in err
+  assert not os.path.exists(out)
+
+
 with gzip.open(os.path.join(FIXTURES, 'torchvision_keys.json.gz'), 'rt') as _f:
   TORCHVISION_KEYS = json.load(_f)
 

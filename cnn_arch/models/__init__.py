@@ -9,6 +9,7 @@ a `min_size` property, the smallest input side it accepts. `model_options(name)`
 keyword options `get_model` accepts for a name.
 """
 
+import ast
 import dataclasses
 import difflib
 import functools
@@ -44,6 +45,18 @@ def get_model(name: str, num_classes: int = 1000, **options):
     raise ValueError(f'Unknown option(s) {", ".join(unknown)} for model {name!r}{note}. Valid '
                      f'options: {", ".join(model_options(name))}.')
   return MODELS[name](num_classes=num_classes, **options)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+  """'width=0.5' -> ('width', 0.5): a command-line model option; values are Python literals,
+  else kept as strings (norm=batch)."""
+  key, sep, value = text.partition('=')
+  if not sep or not key:
+    raise ValueError(f'--option takes KEY=VALUE, got {text!r}; e.g. --option width=0.5.')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
 
 
 def model_options(name: str) -> tuple[str, ...]:

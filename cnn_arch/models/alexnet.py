@@ -83,7 +83,7 @@ class AlexNet(nn.Module):
       stages.append((name, self._before_fc6(fc) if i == 6 else fc))
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
-    return common.finish(logits.astype(jnp.float32), feats, x, features)
+    return common.finish(common.upcast(logits), feats, x, features)
 
   def _conv_stage(self, i: int, name: str) -> common.ConvStack:
     features, kernel, stride, padding = _CONVS[self.layout][i]

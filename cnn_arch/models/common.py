@@ -40,6 +40,16 @@ def scaled(channels: int, width: float, multiple: int = 1) -> int:
   return max(multiple, int(round(channels * width / multiple)) * multiple)
 
 
+def param_dtype(dtype: Any):
+  """float32 parameters under float32 or bfloat16 compute; float64 under float64 (numerics checks)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def upcast(x):
+  """Logits for the loss: float32 at least (bfloat16 compute), float64 stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None, *,
          groups: int = 1, use_bias: bool = False, dtype: Any = jnp.float32,
          conv_general_dilated: Callable | None = None, name: str | None = None) -> nn.Conv:
@@ -50,14 +60,14 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None
   p = kernel // 2 if padding is None else padding
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=conv_init,
+                 param_dtype=param_dtype(dtype), kernel_init=conv_init,
                  conv_general_dilated=conv_general_dilated or conv_ops.default_conv_general_dilated,
                  name=name)
 
 
 def dense(features: int, *, dtype: Any = jnp.float32, name: str | None = None) -> nn.Dense:
-  """A fully connected layer computing in `dtype` with float32 parameters."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+  """A fully connected layer computing in `dtype` with `param_dtype(dtype)` parameters."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype(dtype), name=name)
 
 
 def group_count(channels: int, groups: int = 32) -> int:
@@ -75,7 +85,7 @@ def norm(kind: str, *, train: bool, epsilon: float = 1e-5, dtype: Any = jnp.floa
   """
   if kind == 'batch':
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                        dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init,
+                        dtype=dtype, param_dtype=param_dtype(dtype), scale_init=scale_init,
                         axis_name=axis_name if train else None, name=name)
   if kind == 'group':
     return _GroupNorm(epsilon=epsilon, dtype=dtype, scale_init=scale_init, name=name)
@@ -93,7 +103,8 @@ class _GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=self.epsilon,
-                        dtype=self.dtype, param_dtype=jnp.float32, scale_init=self.scale_init,
+                        dtype=self.dtype, param_dtype=param_dtype(self.dtype),
+                        scale_init=self.scale_init,
                         name='gn')(x)
 
 

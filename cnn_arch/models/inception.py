@@ -141,7 +141,7 @@ class InceptionAux(nn.Module):
     x = nn.relu(common.dense(common.scaled(1024, self.width), dtype=self.dtype, name='fc1')(
         x.reshape(x.shape[0], -1)))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return common.dense(self.num_classes, dtype=self.dtype, name='fc2')(x).astype(jnp.float32)
+    return common.upcast(common.dense(self.num_classes, dtype=self.dtype, name='fc2')(x))
 
 
 class GoogLeNet(nn.Module):
@@ -203,7 +203,7 @@ class GoogLeNet(nn.Module):
     aux = self._aux(taps, conv, train, frozen)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.mean(axis=(1, 2)))
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
-    logits = logits.astype(jnp.float32)
+    logits = common.upcast(logits)
     return common.finish((logits, aux) if aux is not None else logits, feats, x, features)
 
   def _aux(self, taps: dict, conv: Callable, train: bool, frozen: int):

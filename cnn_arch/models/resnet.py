@@ -154,7 +154,7 @@ class ResNet(nn.Module):
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.mean(axis=(1, 2)))
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
-    return common.finish(logits.astype(jnp.float32), feats, x, features)
+    return common.finish(common.upcast(logits), feats, x, features)
 
   def _widths(self, planes: int) -> dict[str, int]:
     """Inner and output widths of a block with torchvision's `planes`."""

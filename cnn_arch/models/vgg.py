@@ -68,7 +68,7 @@ class VGG(nn.Module):
     stages.append(('stage6', fc7))
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
     logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
-    return common.finish(logits.astype(jnp.float32), feats, x, features)
+    return common.finish(common.upcast(logits), feats, x, features)
 
 
 VGG11 = functools.partial(VGG, block_sizes=(1, 1, 2, 2, 2))

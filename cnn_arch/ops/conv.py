@@ -304,11 +304,13 @@ def _weight_grad(spec: _Spec, x, g, w_shape):
 
   def tap_grad(_, tap):
     phase, di, dj = tap[0], tap[1], tap[2]
-    xs = lax.dynamic_slice(phases, (phase, 0, di, dj, 0), (1, n, oh, ow, x.shape[3]))
+    zero = jnp.zeros((), tap.dtype)  # every index of one integer type, also under jax_enable_x64
+    xs = lax.dynamic_slice(phases, (phase, zero, di, dj, zero), (1, n, oh, ow, x.shape[3]))
     xs = xs.reshape(n * oh * ow, groups, cg)
     # (m, G, cg) x (m, G, og) -> (G, cg, og): contraction over m, batched over groups.
     return None, lax.dot_general(xs, g2, (((0,), (0,)), ((1,), (1,))),
-                                 precision=spec.precision, preferred_element_type=jnp.float32)
+                                 precision=spec.precision,
+                                 preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
   _, d = lax.scan(tap_grad, None, jnp.asarray(taps))
   return d.transpose(0, 2, 1, 3).reshape(w_shape).astype(x.dtype)
