@@ -4,11 +4,15 @@ Config values are overridden on the command line, e.g. `--config.finetune.freeze
 Running the same command again resumes from the latest checkpoint in the workdir.
 """
 
-import os
-import sys
+import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+_T0 = time.perf_counter()  # before the imports and the config file: the start-up the user waits
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.',
                                           lock_config=True)
@@ -60,6 +64,7 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from cnn_arch import train  # after distributed init: importing may touch the backend
+  startup = time.perf_counter() - _T0  # imports (TensorFlow for tfds: most of it), the config
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file))[0]
   workdir = _WORKDIR.value or os.path.join('runs', config_name)
@@ -71,6 +76,10 @@ def main(argv):
     sys.exit(f'cnn_arch.main: error: {" ".join(str(e).split())} (--verbose shows the traceback)')
   print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                  for k, v in results.items()))
+  seconds = results['seconds']
+  print(f'Time: start-up {startup:.1f} s, setup {seconds["setup"]:.1f} s, first step (compile) '
+        f'{seconds["first_step"]:.1f} s, evaluation {seconds["eval"]:.1f} s, other steps '
+        f'{seconds["other_steps"]:.1f} s.')
   print(f'Results, metrics and checkpoints are in {workdir}/')
   if results['preempted']:
     print(f'Stopped early by {results["stopped_by"]} after saving a checkpoint; run the same '

@@ -214,30 +214,37 @@ def train_and_evaluate(config: ConfigDict, workdir: str, on_config_change: str =
   run after saving a checkpoint at a step boundary (`results['stopped_by']` names the signal;
   running the same command again resumes from it). The workdir is locked for the run's life.
   """
+  t0 = time.perf_counter()
   s = make_setup(config)
   rundir.make(workdir)
   with rundir.Lock(workdir):
     rundir.claim(workdir, config, on_config_change)
-    return _train(s, config, workdir)
+    return _train(s, config, workdir, t0)
 
 
-def _train(s: Setup, config: ConfigDict, workdir: str) -> dict:
+def _train(s: Setup, config: ConfigDict, workdir: str, t0: float) -> dict:
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
   best = (checkpoint.manager(os.path.join(workdir, 'best'), best_metric='top1', keep_best=1)
           if config.checkpoint.keep_best else None)
   state = restore_or_init(s, config, mngr)
   start = int(host_value(state.step))
   reporter = reporting.Reporter(workdir, s.total_steps, start)
+  seconds = {'setup': time.perf_counter() - t0, 'first_step': 0.0, 'eval': 0.0}
   t0 = time.perf_counter()
   cache = feature_cache.build(s, config, state) if s.cache_stages else None
   if cache:
     reporter.write('feature_cache', start, {'stages': cache.stages, 'seconds': cache.seconds,
                                             'mib': cache.nbytes / 2**20})
   with rundir.Preemption() as preemption:
-    state, eval_metrics = _loop(s, config, state, mngr, best, reporter, preemption, cache)
+    state, eval_metrics = _loop(s, config, state, mngr, best, reporter, preemption, cache,
+                                seconds)
   mngr.wait_until_finished()
   reporter.close()
   results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
+  # Where a cold start goes: setup (data, model, restore), the first step (tracing and
+  # compiling it), evaluation (its compile included), and the other steps with checkpoints.
+  seconds['other_steps'] = results['wall_seconds'] - seconds['first_step'] - seconds['eval']
+  results['seconds'] = {k: round(v, 2) for k, v in seconds.items()}
   results['cached_stages'] = s.cache_stages
   results['preempted'] = preemption.requested
   results['stopped_by'] = preemption.signal_name
@@ -246,8 +253,10 @@ def _train(s: Setup, config: ConfigDict, workdir: str) -> dict:
 
 
 def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter, preemption,
-          cache: feature_cache.Cache | None):
-  """The step loop: log, evaluate and checkpoint on schedule; stop at a step on SIGTERM."""
+          cache: feature_cache.Cache | None, seconds: dict):
+  """The step loop: log, evaluate and checkpoint on schedule; stop at a step on SIGTERM.
+
+  Adds the first step's and the evaluations' wall time to `seconds`."""
   step_fn, eval_fn = parallel_steps(s, config, start=cache.stages if cache else 0)
   eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
   start = int(host_value(state.step))
@@ -258,7 +267,11 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
   pending, eval_metrics = [], None
   batches = _on_device(s, batches, start + 1)
   for step in range(start + 1, s.total_steps + 1):
-    state, metrics = step_fn(state, next(batches))
+    batch, t = next(batches), time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    if step == start + 1:
+      jax.block_until_ready(metrics)
+      seconds['first_step'] = time.perf_counter() - t
     pending.append((step, metrics))
     last, stop = step == s.total_steps, preemption.stop(step)
     save = step % config.checkpoint.every_steps == 0 or last or stop
@@ -267,7 +280,9 @@ def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter,
       _log_train(reporter, pending, config)  # raises on a non-finite step, before any save
       pending = []
     if evaluate_now:
+      t = time.perf_counter()
       eval_metrics = evaluate(s, eval_fn, state, evaluation())
+      seconds['eval'] += time.perf_counter() - t
       reporter.write('eval', step, eval_metrics)
       if best is not None:
         checkpoint.save_state(best, step, *_split(state), {**s.model_meta, 'step': step},
