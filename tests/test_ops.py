@@ -285,8 +285,8 @@ def test_importing_ops_moves_cpu_convolutions_off_ynnpack():
   import pathlib  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() != 'cpu' or not jax.__version__.startswith('0.10.'):
-    pytest.skip('the flag is CPU-only and pinned to jaxlib 0.10')
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the flag is CPU-only')
   code = """
 import jax, jax.numpy as jnp
 from jax import lax

@@ -21,9 +21,10 @@ Both are exact reformulations (same sums, different order), so results match
 `lax.conv_general_dilated` to float32 rounding. Anything outside NHWC/HWIO layouts, 2-D,
 unit dilation and non-negative padding falls back to `lax.conv_general_dilated` unchanged.
 
-`use_eigen_cpu_convolutions` is the measured CPU fix: jaxlib 0.10's XLA:CPU hands every
-convolution, gradients included, to YNNPACK, whose weight-gradient kernel ran 2-2.5x slower than
-XLA's own Eigen convolution on ResNet-18's 3x3 layers (BENCHMARKS.md). It is an XLA flag, so it
+`use_eigen_cpu_convolutions` is the measured CPU fix: XLA:CPU (jaxlib 0.10 and 0.12) hands
+every convolution, gradients included, to YNNPACK, whose weight-gradient kernel ran 2-2.5x
+slower than XLA's own Eigen convolution on ResNet-18's 3x3 layers; on jaxlib 0.12 the whole CIFAR
+ResNet-18 train step is 1.5x faster with the flag (BENCHMARKS.md). It is an XLA flag, so it
 applies to the whole program and only to the CPU backend; GPU and TPU compiles never read it.
 
 `default_conv_general_dilated` also passes the input of every CPU convolution through
@@ -197,8 +198,8 @@ def _im2col_conv(spec: _Spec, x, w):
 # Removes only the convolution type from YNNPACK's fusions; its matmuls stay on.
 CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 # XLA aborts on an unknown XLA_FLAGS entry, so the (experimental) flag is only added on the
-# jaxlib line it was measured and tested on; re-measure before widening this.
-_FLAG_JAXLIB_PREFIX = '0.10.'
+# jaxlib lines it was measured and tested on; re-measure before widening this.
+_FLAG_JAXLIB_PREFIXES = ('0.10.', '0.12.')
 
 
 def use_eigen_cpu_convolutions(environ=None, jaxlib_version=None) -> bool:
@@ -215,7 +216,7 @@ def use_eigen_cpu_convolutions(environ=None, jaxlib_version=None) -> bool:
     jaxlib_version = jaxlib.__version__
   flags = environ.get('XLA_FLAGS', '')
   if ('xla_cpu_experimental_ynn_fusion_type' in flags
-      or not jaxlib_version.startswith(_FLAG_JAXLIB_PREFIX)):
+      or not jaxlib_version.startswith(_FLAG_JAXLIB_PREFIXES)):
     return False
   environ['XLA_FLAGS'] = f'{flags} {CPU_XLA_FLAG}'.strip()
   return True
