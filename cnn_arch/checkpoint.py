@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -94,9 +95,12 @@ def save_state(mngr: ocp.CheckpointManager, step: int, variables: dict, train: d
                meta: dict, metrics: dict | None = None):
   """Saves one training step: variables, optimizer state/step/RNG, and JSON metadata.
 
-  A save that fails for want of space removes its partial files and raises an OSError that says
-  so; the steps saved before it are untouched (orbax renames a step into place only when whole).
+  A save that fails for want of space waits for the writer threads it started (they go on
+  writing other arrays after the first failure), removes the partial step and raises an OSError
+  that says so; the steps saved before it are untouched (orbax renames a step into place only
+  when whole).
   """
+  threads = set(threading.enumerate())
   try:
     mngr.save(step, metrics=metrics, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
@@ -105,14 +109,19 @@ def save_state(mngr: ocp.CheckpointManager, step: int, variables: dict, train: d
     if not _out_of_space(e):
       raise
     directory = str(mngr.directory)
+    for thread in set(threading.enumerate()) - threads:
+      try:
+        thread.join(timeout=60)
+      except Exception:  # pylint: disable=broad-except  # orbax's threads re-raise their ENOSPC
+        pass
     for name in os.listdir(directory):
       if name.startswith(f'{step}.') and 'tmp' in name:
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    mngr.reload()
+    kept = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
     raise OSError(errno.ENOSPC, f'No space left on the device while saving checkpoint step '
-                  f'{step} in {directory}; the checkpoints already there (steps '
-                  f'{mngr.all_steps()}) are intact. Free space or use a --workdir on a larger '
-                  'disk, then run the same command to resume.') from e
+                  f'{step} in {directory}; the checkpoints already there (steps {kept}) are '
+                  'intact. Free space or use a --workdir on a larger disk, then run the same '
+                  'command to resume.') from e
 
 
 def _out_of_space(e: BaseException | None) -> bool:

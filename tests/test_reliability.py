@@ -404,11 +404,10 @@ def tmpfs(tmp_path):
 def fill(directory, leave: int = 256 * 1024):
   """Writes a file until the disk is full, then frees `leave` bytes of it."""
   path = os.path.join(directory, 'filler')
-  with open(path, 'wb') as f:
+  with open(path, 'wb', buffering=0) as f:  # unbuffered: closing it writes nothing more
     try:
       while True:
         f.write(b'\0' * 65536)
-        f.flush()
     except OSError:
       pass
   os.truncate(path, max(0, os.path.getsize(path) - leave))
