@@ -145,11 +145,11 @@ def text(optional: bool = False, empty: bool = False) -> Rule:
               'a string' + ('' if empty else ', not empty') + (' or None' if optional else ''))
 
 
-def ints(optional: bool = False) -> Rule:
-  return Rule(lambda v: (optional and v is None) or (
-      isinstance(v, (tuple, list)) and len(v) > 0 and all(_is_int(x) and x >= 0 for x in v)),
-      'a non-empty tuple of label ids >= 0' + (' or None' if optional else ''),
-      hint="a tuple, even for one class: --config.data.classes='(5,)'")
+def classes() -> Rule:
+  return Rule(lambda v: v is None or (
+      isinstance(v, (tuple, list)) and len(v) >= 2 and all(_is_int(x) and x >= 0 for x in v)),
+      'None or a tuple of at least 2 label ids >= 0',
+      hint="a tuple of classes: --config.data.classes='(5,6,7,8,9)'")
 
 
 def per_channel(positive: bool) -> Rule:
@@ -188,7 +188,7 @@ RULES = {
     'data.mean': per_channel(positive=False),
     'data.std': per_channel(positive=True),
     'data.augment': boolean(),
-    'data.classes': ints(optional=True),
+    'data.classes': classes(),
     'data.per_class': integer(1, optional=True),
     'data.fraction': real(0, 1, lo_open=True, optional=True),
     'data.subset_seed': integer(0),
