@@ -159,10 +159,9 @@ def per_channel(positive: bool) -> Rule:
       f'None or a tuple of 1 or 3 finite numbers{" > 0" if positive else ""}')
 
 
-def increasing(optional: bool = False) -> Rule:
-  return Rule(lambda v: (optional and v is None) or (
-      isinstance(v, (tuple, list)) and all(_is_real(x) and x >= 0 for x in v)
-      and list(v) == sorted(v)), 'a tuple of epochs >= 0 in increasing order')
+def increasing() -> Rule:
+  return Rule(lambda v: isinstance(v, (tuple, list)) and all(_is_real(x) and x >= 0 for x in v)
+              and list(v) == sorted(v), 'a tuple of epochs >= 0 in increasing order')
 
 
 OPTIMIZERS, SCHEDULES = ('sgd', 'adamw'), ('cosine', 'step', 'constant')
@@ -247,8 +246,8 @@ def validate(c: ConfigDict) -> None:
       fix = f'pass --config.{key}=VALUE with {rule.hint or "a value in that range"}'
       raise ValueError(f'Config value {key}={value!r} is out of range: it must be {rule.valid}. '
                        f'Fix: {fix}.')
-  if None not in (_lookup(c, 'data.per_class'), _lookup(c, 'data.fraction')) and _MISSING not in (
-      _lookup(c, 'data.per_class'), _lookup(c, 'data.fraction')):
+  per_class, fraction = _lookup(c, 'data.per_class'), _lookup(c, 'data.fraction')
+  if per_class not in (None, _MISSING) and fraction not in (None, _MISSING):
     raise ValueError('Config values data.per_class and data.fraction are both set: a view takes '
                      'N examples per class or a fraction, not both. Fix: set one of them to None.')
   warmup, epochs = _lookup(c, 'optim.warmup_epochs'), _lookup(c, 'train.num_epochs')
