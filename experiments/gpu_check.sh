@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: ResNet-50 at 224 on synthetic data, on whatever accelerator JAX sees.
 #
-#   bash experiments/gpu_check.sh            # about 3-5 minutes on one H100-class GPU
-#   SMOKE=1 bash experiments/gpu_check.sh    # a tiny CPU run of the same path
+#   bash experiments/gpu_check.sh            # 8 processes, each compiling one ResNet-50 step
+#   SMOKE=1 bash experiments/gpu_check.sh    # a tiny run of the same path, e.g. on a CPU
 #
 # Prints one JSON line per measurement (experiments/benchmark.py): train images/s and
 # `train_vs_ceiling`, the step's achieved FLOP/s over a 4096x4096 matmul's in the same dtype
