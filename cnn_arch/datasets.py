@@ -80,7 +80,7 @@ def _folder_builder(folder: str | None) -> tfds.core.DatasetBuilder:
   return builder
 
 
-IMAGE_MAGIC = {'.png': (b'\x89PNG',), '.jpg': (b'\xff\xd8',), '.jpeg': (b'\xff\xd8',)}
+IMAGE_MAGIC = {'.png': b'\x89PNG', '.jpg': b'\xff\xd8', '.jpeg': b'\xff\xd8'}
 
 
 def _check_folder(folder: str) -> None:
@@ -96,16 +96,16 @@ def _check_folder(folder: str) -> None:
       class_dir = os.path.join(split_dir, name)
       if not os.path.isdir(class_dir):
         continue
-      images = [f for f in sorted(os.listdir(class_dir))
-                if os.path.splitext(f)[1].lower() in IMAGE_MAGIC]
+      images = {f: os.path.splitext(f)[1].lower() for f in sorted(os.listdir(class_dir))}
+      images = {f: ext for f, ext in images.items() if ext in IMAGE_MAGIC}
       if not images:
         raise ValueError(f'Class folder {class_dir} holds no .png/.jpg/.jpeg image; add images '
                          'or remove the folder.')
-      for f in images:
+      for f, ext in images.items():
         with open(os.path.join(class_dir, f), 'rb') as image:
-          if not image.read(4).startswith(IMAGE_MAGIC[os.path.splitext(f)[1].lower()]):
-            raise ValueError(f'{os.path.join(class_dir, f)} is not a {os.path.splitext(f)[1]} '
-                             'image; convert it or remove it.')
+          if not image.read(4).startswith(IMAGE_MAGIC[ext]):
+            raise ValueError(f'{os.path.join(class_dir, f)} is not a {ext} image; convert it or '
+                             'remove it.')
       classes[split].add(name)
   for split, names in classes.items():
     missing = sorted(names - classes.get('train', names))

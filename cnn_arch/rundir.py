@@ -77,10 +77,10 @@ class Lock:
 
 
 def claim(workdir: str, config: ConfigDict, on_change: str = 'refuse'):
-  """Writes WORKDIR/config.json, after checking any run already there used the same config."""
+  """Writes WORKDIR/config.json (the workdir exists, see `make`), after checking any run
+  already there used the same config."""
   if on_change not in ON_CHANGE:
     raise ValueError(f'on_config_change={on_change!r}; choose one of {ON_CHANGE}.')
-  make(workdir)
   path = os.path.join(workdir, 'config.json')
   new = json.loads(config.to_json())
   old = json.load(open(path)) if os.path.exists(path) else None
