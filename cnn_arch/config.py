@@ -30,6 +30,10 @@ def base() -> ConfigDict:
   c.model.num_classes = 0  # 0: the dataset's class count (after a class subset).
   c.model.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 parameters and optimizer.
   c.model.options = ConfigDict()  # Passed to models.get_model (norm, width, cifar_stem, ...).
+  # 0: BatchNorm statistics of the whole global batch (synchronised over devices). g > 0:
+  # "ghost" BatchNorm, statistics over groups of g examples on each device (Wu & He 2018's
+  # batch-size study).
+  c.model.bn_group_size = 0
 
   c.data = ConfigDict()
   c.data.name = 'digits'
@@ -67,6 +71,7 @@ def base() -> ConfigDict:
   c.optim.label_smoothing = 0.0
   c.optim.aux_loss_weight = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2015).
   c.optim.backbone_lr_mult = 1.0  # < 1: unfrozen backbone stages learn slower than the head.
+  c.optim.layer_decay = 1.0  # < 1: the i-th stage below the head learns at lr * d**i.
   c.optim.grad_clip = 0.0  # 0: off.
 
   c.train = ConfigDict()
@@ -79,7 +84,16 @@ def base() -> ConfigDict:
 
   c.finetune = ConfigDict()
   c.finetune.init_from = ''  # A run's workdir or a `cnn_arch.convert` output directory.
-  c.finetune.freeze_depth = 0  # Freeze the first k stages; the largest k trains only the head.
+  # Which stages train (cnn_arch.finetune): the first freeze_depth stages are frozen (the
+  # largest k trains only the head), or exactly train_stages (names) train, or phases.
+  c.finetune.freeze_depth = 0
+  c.finetune.train_stages = placeholder(tuple)  # e.g. ('stem',): surgical fine-tuning.
+  c.finetune.train_head = True
+  # ((epochs, stages), ...), stages a freeze depth, names or 'all': e.g. LP-FT is
+  # ((2.0, ()), (8.0, 'all')). The lengths add up to train.num_epochs.
+  c.finetune.phases = ()
+  c.finetune.reinit_above = False  # Stages above the frozen prefix start random (Yosinski's AnB).
+  c.finetune.head_init_scale = 1.0  # A new head's kernel times this; 0: a zero head.
   # Run the frozen stages once over the data and train on their stored output (needs
   # data.augment=False): 'auto' when it fits in cache_max_mb of host memory, 'on' (else an
   # error), 'off'. See cnn_arch.feature_cache.
@@ -173,6 +187,7 @@ RULES = {
     'model.name': text(),
     'model.num_classes': Rule(integer(0).ok, 'an integer >= 0 (0: the dataset\'s class count)'),
     'model.dtype': choice(*DTYPES),
+    'model.bn_group_size': Rule(integer(0).ok, 'an integer >= 0 (0: the global batch)'),
     'model.options.width': real(0, 16, lo_open=True),
     'model.options.norm': choice(*NORMS),
     'model.options.cifar_stem': boolean(),
@@ -208,6 +223,7 @@ RULES = {
     'optim.label_smoothing': real(0, 1, hi_open=True),
     'optim.aux_loss_weight': real(0),
     'optim.backbone_lr_mult': real(0),
+    'optim.layer_decay': real(0, 1, lo_open=True),
     'optim.grad_clip': Rule(real(0).ok, 'a finite number >= 0 (0: off)'),
     'train.batch_size': integer(1),
     'train.eval_batch_size': integer(1),
@@ -217,6 +233,15 @@ RULES = {
     'train.on_nonfinite': choice(*ON_NONFINITE),
     'finetune.init_from': text(empty=True),
     'finetune.freeze_depth': integer(0),
+    'finetune.train_stages': Rule(lambda v: v is None or (
+        isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)),
+        'None or a tuple of stage names', hint="a tuple: --config.finetune.train_stages='(\"stem\",)'"),
+    'finetune.train_head': boolean(),
+    'finetune.phases': Rule(lambda v: isinstance(v, (tuple, list)),
+                            'a tuple of (epochs, stages) pairs',
+                            hint="a tuple: --config.finetune.phases='((2.0, ()), (8.0, \"all\"))'"),
+    'finetune.reinit_above': boolean(),
+    'finetune.head_init_scale': real(0),
     'finetune.cache_features': choice(*CACHE_FEATURES),
     'finetune.cache_max_mb': real(0),
     'checkpoint.every_steps': integer(1),

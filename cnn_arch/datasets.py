@@ -18,9 +18,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnn_arch import digits  # Registers the `digits` builder with tfds.
+# Importing them registers the embedded builders with tfds.
+from cnn_arch import digits, fractaldb, mnist  # pylint: disable=unused-import
 
 SPECIAL_NAMES = ('digits', 'folder')
+# Built on this machine from installed packages, never downloaded (see each module).
+EMBEDDED = ('digits', 'mnist_offline', 'optdigits', 'fractaldb')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,12 @@ def _check_name(name: str) -> None:
   close = difflib.get_close_matches(name, list(SPECIAL_NAMES) + known, n=5)
   hint = f' Did you mean {", ".join(close)}?' if close else ''
   raise ValueError(f'Unknown dataset {name!r}.{hint} Use a tensorflow-datasets name '
-                   f'(tfds.list_builders()), {SPECIAL_NAMES[0]!r} (embedded) or '
+                   f'(tfds.list_builders()), an embedded one ({", ".join(EMBEDDED)}) or '
                    f"{SPECIAL_NAMES[1]!r} with data.folder.")
+
+
+def _embedded(name: str) -> bool:
+  return name.split(':')[0].split('/')[0] in EMBEDDED
 
 
 def _folder_builder(folder: str | None) -> tfds.core.DatasetBuilder:
@@ -148,21 +155,23 @@ def _download_help(builder, spec: Spec, error: Exception) -> str:
 
 @functools.lru_cache(maxsize=None)
 def prepared_builder(spec: Spec) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder of `spec.name` (building `digits` offline on first use)."""
+  """The prepared tfds builder of `spec.name` (building an embedded one offline on first use)."""
   _check_name(spec.name)
   if spec.name == 'folder':
     return _folder_builder(spec.folder)
   builder = tfds.builder(spec.name, data_dir=spec.data_dir)
   if builder.is_prepared():
     return builder
-  if not spec.download and spec.name != 'digits':
+  if _embedded(spec.name):  # No GCS lookup, nothing to download; the builder's errors say the fix.
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=spec.manual_dir, try_download_gcs=False))
+    return builder
+  if not spec.download:
     raise ValueError(_download_help(builder, spec, RuntimeError('data.download is False')))
-  if spec.name != 'digits' and _downloads(builder) and not _online():  # tfds would retry
+  if _downloads(builder) and not _online():  # tfds would retry
     raise RuntimeError(_download_help(builder, spec, ConnectionError(
         f'no network: {DOWNLOAD_HOST[0]} could not be reached within {ONLINE_TIMEOUT_S} s')))
-  # `digits` never touches the network: no GCS lookup, nothing to download.
-  config = tfds.download.DownloadConfig(manual_dir=spec.manual_dir,
-                                        try_download_gcs=spec.name != 'digits')
+  config = tfds.download.DownloadConfig(manual_dir=spec.manual_dir)
   try:
     builder.download_and_prepare(download_config=config)
   except Exception as e:  # Network, missing manual files, ...: all need the same advice.

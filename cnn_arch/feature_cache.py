@@ -27,17 +27,20 @@ from ml_collections import ConfigDict
 
 from cnn_arch import input_pipeline
 
-def plan(config: ConfigDict, model, info, stage_names) -> tuple[int, int]:
+def plan(config: ConfigDict, model, info, ft_plan) -> tuple[int, int]:
   """(stages to cache, bytes of host memory they take); (0, 0) when the run does not cache.
 
+  The cached stages are the prefix that the fine-tuning plan `ft_plan` freezes in every phase.
   Raises a ValueError naming the fix when finetune.cache_features='on' cannot be honoured.
   """
-  mode, depth = config.finetune.cache_features, config.finetune.freeze_depth
+  mode, depth = config.finetune.cache_features, ft_plan.cached_prefix
+  stage_names = ft_plan.stage_names
   if mode == 'off':
     return 0, 0
   reasons = []
   if depth == 0:
-    reasons.append('finetune.freeze_depth is 0, so no stage is frozen; set it to k >= 1')
+    reasons.append('the first stage trains (in some phase), so no stage is frozen under the '
+                   'trained ones; freeze a prefix, e.g. finetune.freeze_depth=k >= 1')
   if config.data.augment:
     reasons.append('data.augment is True, so a frozen stage sees new images every epoch; set '
                    'data.augment=False')

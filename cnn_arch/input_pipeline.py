@@ -39,6 +39,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULTS = {
     'digits': dict(image_size=32, mean=(0.3058,) * 3, std=(0.3761,) * 3, style='crop', flip=False),
     'mnist': dict(image_size=32, mean=(0.1307,) * 3, std=(0.3081,) * 3, style='crop', flip=False),
+    'mnist_offline': dict(image_size=32, mean=(0.1307,) * 3, std=(0.3081,) * 3, style='crop',
+                          flip=False),
+    'optdigits': dict(image_size=32, mean=(0.3078,) * 3, std=(0.3771,) * 3, style='crop',
+                      flip=False),
+    'fractaldb': dict(image_size=32, mean=(0.1978,) * 3, std=(0.3129,) * 3, style='crop',
+                      flip=True),
     'cifar10': dict(image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                     style='crop', flip=True),
     'cifar100': dict(image_size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),

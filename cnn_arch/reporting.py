@@ -16,13 +16,14 @@ from flax.metrics import tensorboard
 class Reporter:
   """Writes every logged point to `WORKDIR/metrics.jsonl` and TensorBoard, and drives tqdm."""
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int, progress: bool = True):
     self.active = jax.process_index() == 0
+    self.progress = progress and self.active
     self.workdir = workdir
     if self.active:
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self._tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not self.active,
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not self.progress,
                           unit='step', dynamic_ncols=True)
     self._last = (time.perf_counter(), initial_step)
 
@@ -41,7 +42,7 @@ class Reporter:
     metrics = {k: float(v) for k, v in metrics.items()}
     if split == 'train':
       self._bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items() if k != 'lr'})
-    else:
+    elif self.progress:
       self._bar.write(f'step {step} {split}: ' + ', '.join(f'{k}={v:.4f}'
                                                             for k, v in metrics.items()))
     if not self.active:
@@ -63,8 +64,10 @@ def write_results(workdir: str, results: dict):
   """`results.json` for programs and `results.md` (a two-column table) for people."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+  path = os.path.join(workdir, 'results.json')
+  with open(path + '.tmp', 'w') as f:  # a rename: a reader never sees half a file
     json.dump(results, f, indent=2, default=_plain)
+  os.replace(path + '.tmp', path)
   rows = '\n'.join(f'| {k} | {_fmt(v)} |' for k, v in results.items())
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f'| result | value |\n|---|---|\n{rows}\n')

@@ -4,12 +4,13 @@ The step is the pmap model written with the current API: `jax.shard_map` over a 
 of every device of every host runs one per-device program; gradients, BatchNorm statistics and
 metrics are averaged over the named batch axis `AXIS`. The same code serves 1 CPU, 8 GPUs and
 a multi-host pod. Fine-tuning follows the lecture: load a pretrained backbone, re-initialise the
-head when the class count differs, freeze the first k stages (`cnn_arch.freeze`); with
-augmentation off, the frozen stages run once and the steps train on their cached outputs
-(`cnn_arch.feature_cache`).
+head when the class count differs, freeze stages as the plan says (`cnn_arch.finetune`: a prefix,
+any stages, or phases); with augmentation off, a prefix frozen throughout runs once and the steps
+train on its cached outputs (`cnn_arch.feature_cache`).
 """
 
 import collections
+import dataclasses
 import functools
 import os
 import time
@@ -25,7 +26,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, feature_cache, freeze, input_pipeline, models, reporting, rundir
+from cnn_arch import checkpoint, feature_cache, input_pipeline, models, optim, reporting, rundir
 from cnn_arch.train_setup import AXIS, Setup, load_init_from, make_setup
 
 
@@ -47,19 +48,40 @@ def _keep_frozen(new: dict, old: dict, frozen_keys: tuple) -> dict:
   return {k: old[k] if k in frozen_keys else v for k, v in new.items()}
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, frozen: int, frozen_keys: tuple,
+def _apply_in_groups(apply, params, images, rng, group_size: int):
+  """`apply(params, images, rng)` on groups of `group_size` examples, each normalised by its own
+  batch statistics ("ghost" BatchNorm); the running statistics take the groups' mean."""
+  if not group_size:
+    return apply(params, images, rng)
+  groups = images.shape[0] // group_size
+  images = images.reshape((groups, group_size) + images.shape[1:])
+  out, updated = jax.vmap(apply, in_axes=(None, 0, 0))(params, images,
+                                                       jax.random.split(rng, groups))
+  out = jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), out)
+  return out, jax.tree.map(lambda y: y.mean(0), updated)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, frozen: tuple, frozen_keys: tuple,
                num_classes: int, smoothing: float, aux_weight: float, skip_nonfinite: bool,
-               start: int = 0):
+               start: int = 0, bn_group_size: int = 0):
   """One SGD step on this device's share of the batch; collectives average over `AXIS`.
 
-  `start=k`: batch['image'] holds the outputs of the first k stages (cached features).
+  `frozen`: the body stages the model runs frozen; `frozen_keys`: the top-level parameter keys
+  kept bit-identical. `start=k`: batch['image'] holds the outputs of the first k stages (cached
+  features). `bn_group_size=g`: BatchNorm statistics over groups of g examples.
   """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
 
+  def apply(params, images, rng):
+    return model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+                       frozen=frozen, start=start, mutable=['batch_stats'],
+                       rngs={'dropout': rng})
+
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    out, updated = model.apply(variables, batch['image'], train=True, frozen=frozen, start=start,
-                               mutable=['batch_stats'], rngs={'dropout': rng})
+    # Frozen parameters are constants: no gradient is computed for them, even where the
+    # backward pass runs through a frozen stage to a trained one below it.
+    params = {k: lax.stop_gradient(v) if k in frozen_keys else v for k, v in params.items()}
+    out, updated = _apply_in_groups(apply, params, batch['image'], rng, bn_group_size)
     logits, aux = out if isinstance(out, tuple) else (out, ())  # GoogLeNet's auxiliary heads
     # The global batch's mean loss. The parameters are replicated (invariant over AXIS), so
     # shard_map's transpose sums their per-device cotangents: differentiating this mean
@@ -111,28 +133,36 @@ def to_global(tree, sharding):
                       tree)
 
 
-def _state(s: Setup, variables: dict, rng) -> TrainState:
+def _state(s: Setup, variables: dict, rng, phase: int = 0) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=s.tx.init(params),
-                    rng=rng)
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=s.optimizers[phase].init(params), rng=rng)
 
 
-def init_state(s: Setup, config: ConfigDict) -> TrainState:
-  """Fresh (or `init_from`-loaded) variables, and optimizer state for the trainable leaves."""
+def init_state(s: Setup, config: ConfigDict, init=None) -> TrainState:
+  """Fresh (or `init_from`-loaded) variables, and optimizer state for the trainable leaves.
+
+  `init(rng)` gives the fresh variables (default: `models.init_variables`)."""
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = models.init_variables(s.model, s.image_size, init_rng)
+  if init is None:
+    init = lambda rng: models.init_variables(s.model, s.image_size, rng)
+  variables = flax.core.unfreeze(init(init_rng))
+  head = variables['params'][models.common.HEAD]
+  # A fresh head's kernel scaled; `load_init_from` replaces the head when it keeps the old one.
+  head = dict(head, kernel=head['kernel'] * s.plan.head_init_scale)
+  variables = {**variables, 'params': {**variables['params'], models.common.HEAD: head}}
   if config.finetune.init_from:
     variables = load_init_from(s, config.finetune.init_from, variables)
   return _state(s, variables, state_rng)
 
 
-def abstract_state(s: Setup) -> TrainState:
-  """Shapes and dtypes of the train state, replicated over the mesh, without computing it."""
+def abstract_state(s: Setup, phase: int = 0) -> TrainState:
+  """Shapes and dtypes of the train state in `phase`, replicated over the mesh, uncomputed."""
   def build():
     rng = jax.random.PRNGKey(0)
     x = jnp.zeros((1, s.image_size, s.image_size, 3))
-    return _state(s, s.model.init({'params': rng, 'dropout': rng}, x, train=False), rng)
+    return _state(s, s.model.init({'params': rng, 'dropout': rng}, x, train=False), rng, phase)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s.replicated),
                       jax.eval_shape(build))
 
@@ -151,17 +181,20 @@ def evaluate(s: Setup, eval_fn, state: TrainState, batches) -> dict:
   return result
 
 
-def parallel_steps(s: Setup, config: ConfigDict, *, donate: bool = True, start: int = 0):
+def parallel_steps(s: Setup, config: ConfigDict, *, donate: bool = True, start: int = 0,
+                   phase: int = 0):
   """The data-parallel train and eval steps of this setup, with their static options bound.
 
-  `start=k`: the steps take the outputs of the first k stages instead of images.
+  `start=k`: the steps take the outputs of the first k stages instead of images. `phase`: the
+  fine-tuning plan's phase whose stages the train step trains.
   """
   num_classes = s.model_meta['num_classes']
   step_fn = data_parallel(functools.partial(
-      train_step, model=s.model, tx=s.tx, frozen=config.finetune.freeze_depth,
-      frozen_keys=s.frozen_keys, num_classes=num_classes, smoothing=config.optim.label_smoothing,
-      aux_weight=config.optim.aux_loss_weight,
-      skip_nonfinite=config.train.on_nonfinite == 'skip', start=start), s.mesh, donate=donate)
+      train_step, model=s.model, tx=s.optimizers[phase], frozen=s.plan.model_frozen(phase),
+      frozen_keys=s.plan.frozen_keys(phase), num_classes=num_classes,
+      smoothing=config.optim.label_smoothing, aux_weight=config.optim.aux_loss_weight,
+      skip_nonfinite=config.train.on_nonfinite == 'skip', start=start,
+      bn_group_size=config.model.bn_group_size), s.mesh, donate=donate)
   eval_fn = data_parallel(functools.partial(eval_step, model=s.model, num_classes=num_classes,
                                             start=start), s.mesh, donate=False)
   return step_fn, eval_fn
@@ -199,7 +232,10 @@ def _split(state: TrainState) -> tuple[dict, dict]:
 
 def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
   """The latest complete checkpoint of this workdir if there is one, else a fresh state."""
-  restored = checkpoint.restore_latest(mngr, *_split(abstract_state(s)))
+  variables, _ = _split(abstract_state(s))
+  # The optimizer state has the shape of its step's phase.
+  restored = checkpoint.restore_latest(
+      mngr, variables, lambda step: _split(abstract_state(s, s.plan.phase_at(step)))[1])
   if restored is None:
     return jax.device_put(init_state(s, config), s.replicated)
   step, variables, train = restored
@@ -227,18 +263,59 @@ def _train(s: Setup, config: ConfigDict, workdir: str, t0: float) -> dict:
   best = (checkpoint.manager(os.path.join(workdir, 'best'), best_metric='top1', keep_best=1)
           if config.checkpoint.keep_best else None)
   state = restore_or_init(s, config, mngr)
+  with rundir.Preemption() as preemption:
+    return fit(s, config, state, workdir, t0=t0, mngr=mngr, best=best, preemption=preemption)
+
+
+class _NoPreemption:
+  requested, signal_name = False, None
+
+  def stop(self, step: int) -> bool:
+    del step
+    return False
+
+
+def fit(s: Setup, config: ConfigDict, state: TrainState, workdir: str, *,
+        t0: float | None = None, mngr=None, best=None, preemption=None, programs=None,
+        evaluation=None, eval_steps: set | None = None, progress: bool = True,
+        extra: dict | None = None) -> dict:
+  """The training loop of every run: `train_and_evaluate`'s, and each run of the experiments.
+
+  Trains `state` from its step to the end, with the trainer's checks (labels in range,
+  non-finite steps), batches sent two steps ahead, feature caching, fine-tuning phases,
+  `metrics.jsonl` and TensorBoard in `workdir`; then writes results.json / results.md (`extra`
+  merged in) and returns the results. Checkpoints go to `mngr` (and the best evaluation to
+  `best`) when given; `preemption` stops it at a step boundary. What many short runs in one
+  process change: `programs(phase, start)` returns already compiled (train, eval) steps,
+  `evaluation()` the evaluation batches, `eval_steps` when to evaluate (default: every
+  train.eval_every_epochs and at the end), `progress=False` hides the step bar.
+  """
+  t0 = time.perf_counter() if t0 is None else t0
   start = int(host_value(state.step))
-  reporter = reporting.Reporter(workdir, s.total_steps, start)
+  reporter = reporting.Reporter(workdir, s.total_steps, start, progress=progress)
   seconds = {'setup': time.perf_counter() - t0, 'first_step': 0.0, 'eval': 0.0}
   t0 = time.perf_counter()
   cache = feature_cache.build(s, config, state) if s.cache_stages else None
   if cache:
     reporter.write('feature_cache', start, {'stages': cache.stages, 'seconds': cache.seconds,
                                             'mib': cache.nbytes / 2**20})
-  with rundir.Preemption() as preemption:
-    state, eval_metrics = _loop(s, config, state, mngr, best, reporter, preemption, cache,
-                                seconds)
-  mngr.wait_until_finished()
+  cached = cache.stages if cache else 0
+  if programs is None:
+    programs = lambda phase, start: parallel_steps(s, config, start=start, phase=phase)
+  if evaluation is None:
+    evaluation = lambda: input_pipeline.eval_batches(
+        config.data, global_batch_size=config.train.eval_batch_size)
+  if eval_steps is None:
+    every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
+    eval_steps = set(range(every, s.total_steps + 1, every)) | {s.total_steps}
+  loop = _Loop(s, config, reporter, preemption or _NoPreemption(), mngr, best, seconds,
+               lambda phase: programs(phase, cached),
+               (lambda: cache.eval) if cache else evaluation, eval_steps)
+  state, eval_metrics = loop.run(state, feature_cache.train_batches(
+      cache, config.data, seed=config.seed, start_step=start,
+      global_batch_size=config.train.batch_size))
+  if mngr is not None:
+    mngr.wait_until_finished()
   reporter.close()
   results = _results(s, config, state, eval_metrics, start, time.perf_counter() - t0)
   # Where a cold start goes: setup (data, model, restore), the first step (tracing and
@@ -246,62 +323,91 @@ def _train(s: Setup, config: ConfigDict, workdir: str, t0: float) -> dict:
   seconds['other_steps'] = results['wall_seconds'] - seconds['first_step'] - seconds['eval']
   results['seconds'] = {k: round(v, 2) for k, v in seconds.items()}
   results['cached_stages'] = s.cache_stages
-  results['preempted'] = preemption.requested
-  results['stopped_by'] = preemption.signal_name
+  results['preempted'] = loop.preemption.requested
+  results['stopped_by'] = loop.preemption.signal_name
+  results.update(extra or {})
   reporting.write_results(workdir, results)
   return results
 
 
-def _loop(s: Setup, config: ConfigDict, state: TrainState, mngr, best, reporter, preemption,
-          cache: feature_cache.Cache | None, seconds: dict):
+@dataclasses.dataclass
+class _Loop:
   """The step loop: log, evaluate and checkpoint on schedule; stop at a step on SIGTERM.
 
   Adds the first step's and the evaluations' wall time to `seconds`."""
-  step_fn, eval_fn = parallel_steps(s, config, start=cache.stages if cache else 0)
-  eval_every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
-  start = int(host_value(state.step))
-  batches = feature_cache.train_batches(cache, config.data, seed=config.seed, start_step=start,
-                                       global_batch_size=config.train.batch_size)
-  evaluation = lambda: cache.eval if cache else input_pipeline.eval_batches(
-      config.data, global_batch_size=config.train.eval_batch_size)
-  pending, eval_metrics = [], None
-  batches = _on_device(s, batches, start + 1)
-  for step in range(start + 1, s.total_steps + 1):
-    batch, t = next(batches), time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    if step == start + 1:
-      jax.block_until_ready(metrics)
-      seconds['first_step'] = time.perf_counter() - t
-    pending.append((step, metrics))
-    last, stop = step == s.total_steps, preemption.stop(step)
-    save = step % config.checkpoint.every_steps == 0 or last or stop
-    evaluate_now = step % eval_every == 0 or last
-    if step % config.train.log_every_steps == 0 or save or evaluate_now:
-      _log_train(reporter, pending, config)  # raises on a non-finite step, before any save
-      pending = []
-    if evaluate_now:
-      t = time.perf_counter()
-      eval_metrics = evaluate(s, eval_fn, state, evaluation())
-      seconds['eval'] += time.perf_counter() - t
-      reporter.write('eval', step, eval_metrics)
-      if best is not None:
-        checkpoint.save_state(best, step, *_split(state), {**s.model_meta, 'step': step},
-                              metrics=eval_metrics)
-    if save:
-      checkpoint.save_state(mngr, step, *_split(state),
-                            {**s.model_meta, 'step': step, 'data_position': step})
-    reporter.advance(step)
-    if stop:
-      reporter.write('preempted', step, {})
-      logging.warning('Stopped by %s: saved the checkpoint of step %d; run the same command to '
-                      'resume from it.', preemption.signal_name, step)
-      break
-  if eval_metrics is None:  # resumed after the last step, or preempted before an evaluation
-    eval_metrics = evaluate(s, eval_fn, state, evaluation())
-  return state, eval_metrics
+  s: Setup
+  config: ConfigDict
+  reporter: Any
+  preemption: Any
+  mngr: Any
+  best: Any
+  seconds: dict
+  programs: Any  # phase -> (train step, eval step)
+  evaluation: Any  # () -> evaluation batches
+  eval_steps: set
+
+  def evaluate(self, eval_fn, state, step: int | None = None) -> dict:
+    t = time.perf_counter()
+    metrics = evaluate(self.s, eval_fn, state, self.evaluation())
+    self.seconds['eval'] += time.perf_counter() - t
+    if step is not None:
+      self.reporter.write('eval', step, {**metrics, 'epoch': step / self.s.steps_per_epoch})
+    return metrics
+
+  def run(self, state: TrainState, batches):
+    s, config, reporter = self.s, self.config, self.reporter
+    start = int(host_value(state.step))
+    phase = s.plan.phase_at(start)
+    step_fn, eval_fn = self.programs(phase)
+    pending, eval_metrics = [], None
+    batches = _on_device(s, batches, start + 1)
+    for step in range(start + 1, s.total_steps + 1):
+      if s.plan.phase_at(step) != phase:
+        phase = s.plan.phase_at(step)
+        state = _enter_phase(s, state, phase)
+        step_fn, _ = self.programs(phase)
+        reporter.write('phase', step, {'phase': phase})
+        logging.info('Phase %d from step %d: frozen %s.', phase, step,
+                     s.plan.phases[phase].frozen)
+      batch, t = next(batches), time.perf_counter()
+      state, metrics = step_fn(state, batch)
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        self.seconds['first_step'] = time.perf_counter() - t
+      pending.append((step, metrics))
+      last, stop = step == s.total_steps, self.preemption.stop(step)
+      save = self.mngr is not None and (step % config.checkpoint.every_steps == 0 or last or stop)
+      evaluate_now = step in self.eval_steps
+      if step % config.train.log_every_steps == 0 or save or evaluate_now or last:
+        _log_train(s, reporter, pending, config)  # raises on a non-finite step, before a save
+        pending = []
+      if evaluate_now:
+        eval_metrics = self.evaluate(eval_fn, state, step)
+        if self.best is not None:
+          checkpoint.save_state(self.best, step, *_split(state), {**s.model_meta, 'step': step},
+                                metrics=eval_metrics)
+      if save:
+        checkpoint.save_state(self.mngr, step, *_split(state),
+                              {**s.model_meta, 'step': step, 'data_position': step})
+      reporter.advance(step)
+      if stop:
+        reporter.write('preempted', step, {})
+        logging.warning('Stopped by %s: saved the checkpoint of step %d; run the same command '
+                        'to resume from it.', self.preemption.signal_name, step)
+        break
+    if eval_metrics is None:  # resumed after the last step, or preempted before an evaluation
+      eval_metrics = self.evaluate(eval_fn, state)
+    return state, eval_metrics
 
 
-def _log_train(reporter, pending: list, config: ConfigDict):
+def _enter_phase(s: Setup, state: TrainState, phase: int) -> TrainState:
+  """The state under `phase`'s optimizer: the old optimizer state of every key that stays
+  trained, a fresh one for the keys it unfreezes."""
+  fresh = jax.jit(s.optimizers[phase].init, out_shardings=s.replicated)(state.params)
+  return state.replace(opt_state=optim.carry_over(state.opt_state, fresh))
+
+
+def _log_train(s: Setup, reporter, pending: list, config: ConfigDict):
   """Averages the step metrics since the last log: one host sync per log, not per step."""
   values = host_value([m for _, m in pending])
   bad = [st for (st, _), v in zip(pending, values) if not v['finite']]
@@ -312,19 +418,21 @@ def _log_train(reporter, pending: list, config: ConfigDict):
         'train.on_nonfinite=skip.')
   mean = {k: float(np.mean([v[k] for v in values])) for k in ('loss', 'accuracy')}
   step = pending[-1][0]
-  reporter.write('train', step, {**mean, 'skipped': len(bad),
+  lr = optim.schedule(config.optim, s.steps_per_epoch, s.total_steps)(step - 1)
+  reporter.write('train', step, {**mean, 'skipped': len(bad), 'lr': float(lr),
                                  'images_per_sec': reporter.throughput(
                                      step, config.train.batch_size)})
 
 
 def _results(s: Setup, config, state, eval_metrics: dict, start: int, seconds: float) -> dict:
-  counts = {label: 0 for label in freeze.LABELS}
-  for label, p in zip(jax.tree.leaves(s.param_labels), jax.tree.leaves(state.params)):
-    counts[label] += int(np.prod(p.shape))
+  counts = {True: 0, False: 0}  # trained in some phase, or frozen throughout
+  for key, sub in state.params.items():
+    counts[s.plan.trained(key)] += sum(int(np.prod(p.shape)) for p in jax.tree.leaves(sub))
   steps_run = s.total_steps - start
   return {'model': config.model.name, 'dataset': config.data.name, **eval_metrics,
           'steps': s.total_steps, 'epochs': config.train.num_epochs,
           'examples_per_sec': steps_run * config.train.batch_size / max(seconds, 1e-9),
-          'trainable_params': counts['backbone'] + counts['head'],
-          'frozen_params': counts['frozen'], 'freeze_depth': config.finetune.freeze_depth,
+          'trainable_params': counts[True], 'frozen_params': counts[False],
+          'freeze_depth': config.finetune.freeze_depth, 'finetune': s.plan.describe(),
+          'num_train': s.info.num_train, 'num_eval': s.info.num_eval,
           'devices': jax.device_count(), 'wall_seconds': seconds}

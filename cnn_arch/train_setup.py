@@ -1,4 +1,4 @@
-"""Everything a run decides before compiling: model, dataset view, mesh, freezing, optimizer.
+"""Everything a run decides before compiling: model, dataset view, mesh, fine-tuning plan, optimizer.
 
 Each check here is cheap and runs before the first compile, so a bad config fails in seconds
 with a message naming the problem and the fix.
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, feature_cache, freeze, input_pipeline, models, optim
+from cnn_arch import checkpoint, feature_cache, finetune, input_pipeline, models, optim
 from cnn_arch.config import DTYPES, validate
 
 AXIS = 'batch'
@@ -29,9 +29,8 @@ class Setup:
   batch_sharding: Any
   replicated: Any
   stage_names: tuple
-  frozen_keys: tuple
-  param_labels: Any
-  tx: Any
+  plan: finetune.Plan
+  optimizers: tuple  # one optax transformation per phase of the plan
   steps_per_epoch: int
   total_steps: int
   cache_stages: int = 0  # stages whose outputs the trainer caches (`cnn_arch.feature_cache`)
@@ -46,7 +45,8 @@ def build_model(config: ConfigDict, num_classes: int):
     raise ValueError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the "
                      'environment (float64 is for numerics checks; train in float32).')
   options = dict(config.model.options)
-  options['bn_axis_name'] = AXIS  # BatchNorm statistics of the global batch, on any device count
+  if not config.model.bn_group_size:  # BatchNorm statistics of the global batch, on any devices
+    options['bn_axis_name'] = AXIS
   if config.model.dtype != 'float32':
     options['dtype'] = jnp.dtype(config.model.dtype)
   return models.get_model(config.model.name, num_classes=num_classes, **options)
@@ -60,6 +60,22 @@ def check_batch(batch_size: int, what: str):
         f'multiple of {n} (e.g. {max(n, batch_size // n * n) or n}).')
 
 
+def check_bn_groups(config: ConfigDict, has_batch_norm: bool):
+  """Ghost BatchNorm needs BatchNorm, and groups that tile each device's share of the batch."""
+  g = config.model.bn_group_size
+  if not g:
+    return
+  if not has_batch_norm:
+    raise ValueError(f'Config value model.bn_group_size={g} needs BatchNorm, but model '
+                     f'{config.model.name} with options {dict(config.model.options)} has none. '
+                     'Fix: set model.bn_group_size=0 or model.options.norm=batch.')
+  per_device = config.train.batch_size // jax.device_count()
+  if per_device % g:
+    raise ValueError(f'Config value model.bn_group_size={g} does not divide the '
+                     f'{per_device} examples of train.batch_size={config.train.batch_size} on '
+                     f'each of {jax.device_count()} devices. Fix: use a divisor of {per_device}.')
+
+
 def make_setup(config: ConfigDict) -> Setup:
   """Validates `config` against the model and data, and builds the static pieces of a run."""
   validate(config)
@@ -70,7 +86,6 @@ def make_setup(config: ConfigDict) -> Setup:
                      f'{info.num_classes} classes; set model.num_classes to 0 to follow it.')
   model = build_model(config, num_classes)
   stage_names = tuple(model.stage_names)
-  frozen_keys = freeze.frozen_stages(stage_names, config.finetune.freeze_depth)
   for name, value in (('train.batch_size', config.train.batch_size),
                       ('train.eval_batch_size', config.train.eval_batch_size)):
     check_batch(value, name)
@@ -80,21 +95,23 @@ def make_setup(config: ConfigDict) -> Setup:
                      f'{info.num_train} training examples; lower it.')
   total_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
   image_size = info.image_size
-  param_shapes = jax.eval_shape(
+  shapes = jax.eval_shape(
       lambda: model.init({'params': jax.random.PRNGKey(0)},
-                         jnp.zeros((1, image_size, image_size, 3)), train=False))['params']
-  param_labels = freeze.labels(dict(param_shapes), stage_names, config.finetune.freeze_depth,
-                               getattr(model, 'attached_heads', None))
-  tx = optim.make(config.optim, param_labels, steps_per_epoch, total_steps)
-  cache_stages, cache_bytes = feature_cache.plan(config, model, info, stage_names)
+                         jnp.zeros((1, image_size, image_size, 3)), train=False))
+  check_bn_groups(config, 'batch_stats' in shapes)
+  plan = finetune.make_plan(config, stage_names, getattr(model, 'attached_heads', None),
+                            steps_per_epoch, total_steps)
+  params = dict(shapes['params'])
+  optimizers = tuple(optim.make(config.optim, plan, params, i, steps_per_epoch, total_steps)
+                     for i in range(len(plan.phases)))
+  cache_stages, cache_bytes = feature_cache.plan(config, model, info, plan)
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
   return Setup(model=model, model_meta=dict(model=config.model.name,
                                             options=_plain(config.model.options.to_dict()),
                                             num_classes=num_classes),
                info=info, image_size=image_size, mesh=mesh,
                batch_sharding=NamedSharding(mesh, P(AXIS)), replicated=NamedSharding(mesh, P()),
-               stage_names=stage_names, frozen_keys=frozen_keys, param_labels=param_labels,
-               tx=tx, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               stage_names=stage_names, plan=plan, optimizers=optimizers, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                cache_stages=cache_stages, cache_bytes=cache_bytes)
 
 
@@ -103,7 +120,8 @@ def _plain(options: dict) -> dict:
 
 
 def load_init_from(s: Setup, path: str, fresh: dict) -> dict:
-  """`fresh` variables with every stage but a resized head replaced by the checkpoint's.
+  """`fresh` variables with every stage replaced by the checkpoint's, except a resized head and
+  the stages the plan re-initialises (`finetune.reinit_above`).
 
   The lecture's recipe: keep the pretrained backbone, "remove and replace [the last layer] with
   another randomly initialized layer" when the number of classes changes.
@@ -127,8 +145,9 @@ def load_init_from(s: Setup, path: str, fresh: dict) -> dict:
                          f'written for options {meta.get("options")}, the config has '
                          f'{s.model_meta["options"]}.')
       is_head = key not in s.stage_names[:-1]  # the classifier and any auxiliary heads
-      if is_head and meta.get('num_classes') != s.model_meta['num_classes']:
-        out[collection][key] = sub  # re-initialised for the new class count
+      resized = is_head and meta.get('num_classes') != s.model_meta['num_classes']
+      if resized or s.plan.stage_of(key) in s.plan.reinit:
+        out[collection][key] = sub  # re-initialised
         continue
       mismatch = _mismatches(source[key], sub, f'{collection}/{key}')
       if mismatch:

@@ -1,29 +1,29 @@
 """The run machinery shared by the experiments: many short fine-tuning runs in one process.
 
-Each run is the trainer's own `train.train_step` / `train.eval_step` (same model, freezing,
-optimizer, input pipeline and seeds as `cnn_arch.main`), driven by a short loop that skips what
-a sweep of dozens of tiny runs cannot afford: orbax checkpoints every run, and recompiling the
-step for every run. Compiled steps are kept per program shape (`_PROGRAMS`) and, across
-processes, in JAX's persistent compilation cache; evaluation images are decoded once per data
-view. A run is one directory holding `results.json` (written last, atomically) and
-`metrics.jsonl`; a directory that already holds `results.json` is not run again, so an
-interrupted sweep resumes where it stopped. Source-task pretraining, whose checkpoint the
+Each run goes through the trainer's own loop, `train.fit` (same model, fine-tuning plan,
+optimizer, input pipeline, checks and seeds as `cnn_arch.main`), without what a sweep of dozens
+of tiny runs cannot afford: orbax checkpoints every run, and recompiling the step for every run.
+Compiled steps are kept per program shape (`_PROGRAMS`) and, across processes, in JAX's
+persistent compilation cache; evaluation images are decoded once per data view. A run is one
+directory holding `results.json` (written last, atomically) and `metrics.jsonl`; a directory
+that already holds `results.json` is not run again, so an interrupted sweep resumes where it
+stopped. Source-task pretraining, whose checkpoint the
 fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
 """
 
 import functools
 import json
 import os
+import shutil
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cnn_arch import feature_cache, input_pipeline, models, train
-from cnn_arch.train_setup import load_init_from, make_setup
+from cnn_arch import input_pipeline, models, train
+from cnn_arch.train_setup import make_setup
 
 _PROGRAMS = {}  # program key -> (jitted train step, jitted eval step)
 _EVAL_DATA = {}  # data view key -> list of padded eval batches (numpy)
@@ -67,17 +67,18 @@ def _key(*parts) -> str:
                     sort_keys=True, default=str)
 
 
-def programs(s, config: ConfigDict, start: int = 0):
+def programs(s, config: ConfigDict, phase: int = 0, start: int = 0):
   """The jitted trainer steps for this program shape, compiled once per process.
 
   Built exactly as `train_and_evaluate` builds them (the state is donated), so a source run and
   target runs of the same shape share one entry of the persistent compilation cache.
   """
-  key = _key(config.model, config.optim, config.finetune.freeze_depth, config.train.batch_size,
+  finetune = {k: v for k, v in config.finetune.items() if k != 'init_from'}
+  key = _key(config.model, config.optim, finetune, config.train.batch_size,
              config.train.eval_batch_size, s.image_size, s.total_steps, s.steps_per_epoch,
-             s.model_meta['num_classes'], start)
+             s.model_meta['num_classes'], phase, start)
   if key not in _PROGRAMS:
-    _PROGRAMS[key] = train.parallel_steps(s, config, donate=True, start=start)
+    _PROGRAMS[key] = train.parallel_steps(s, config, donate=True, start=start, phase=phase)
   return _PROGRAMS[key]
 
 
@@ -104,27 +105,8 @@ def _init_fn(s):
 
 
 def init_state(s, config: ConfigDict) -> train.TrainState:
-  """`train.init_state` (same seeds, same `init_from` surgery), with the init compiled once."""
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = flax.core.unfreeze(_init_fn(s)(init_rng))
-  if config.finetune.init_from:
-    variables = load_init_from(s, config.finetune.init_from, variables)
-  params = variables['params']
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           batch_stats=variables.get('batch_stats', {}),
-                           opt_state=s.tx.init(params), rng=state_rng)
-  return jax.device_put(state, s.replicated)
-
-
-def evaluate(s, eval_fn, state, config: ConfigDict, cache=None) -> dict:
-  """Loss and top-1 over every evaluation example (padding masked out)."""
-  totals = None
-  for batch in cache.eval if cache else eval_batches(config.data, config.train.eval_batch_size):
-    sums = eval_fn(state, train.to_global(batch, s.batch_sharding))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  n = max(float(totals['count']), 1.0)
-  return {'loss': float(totals['loss']) / n, 'top1': float(totals['top1']) / n}
+  """`train.init_state` (same seeds, same fine-tuning plan), with the init compiled once."""
+  return jax.device_put(train.init_state(s, config, init=_init_fn(s)), s.replicated)
 
 
 def eval_steps(total_steps: int, num_evals: int) -> set[int]:
@@ -133,43 +115,29 @@ def eval_steps(total_steps: int, num_evals: int) -> set[int]:
 
 
 def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | None = None):
-  """Trains and evaluates one configuration in `workdir`, or returns its stored results.
+  """Trains and evaluates one configuration in `workdir` with the trainer's loop
+  (`train.fit`), or returns its stored results.
 
-  Returns the results dict: top1/loss of the final evaluation, steps, epochs, seconds, `extra`.
-  `metrics.jsonl` holds one `{"split": "eval", "step", "epoch", "top1", "loss"}` line per
-  evaluation (`num_evals` of them, evenly spaced) and the mean training loss between them.
+  No checkpoints; `num_evals` evaluations, evenly spaced, each an `{"split": "eval", "step",
+  "epoch", "top1", "loss"}` line of `metrics.jsonl`. Returns the results dict (`extra` merged).
   """
   done = os.path.join(workdir, 'results.json')
   if os.path.exists(done):
     return read_json(done)
   os.makedirs(workdir, exist_ok=True)
+  for stale in ('metrics.jsonl', 'tensorboard'):  # of a run killed before its results
+    path = os.path.join(workdir, stale)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
   t0 = time.perf_counter()
   s = make_setup(config)
-  state = init_state(s, config)
-  # With augmentation off, the frozen stages run once (cnn_arch.feature_cache), as in the trainer.
-  cache = feature_cache.build(s, config, state) if s.cache_stages else None
-  step_fn, eval_fn = programs(s, config, start=cache.stages if cache else 0)
-  batches = feature_cache.train_batches(cache, config.data, seed=config.seed,
-                                       global_batch_size=config.train.batch_size)
-  points, rows, losses, metrics = eval_steps(s.total_steps, num_evals), [], [], {}
-  for step in range(1, s.total_steps + 1):
-    state, out = step_fn(state, train.to_global(next(batches), s.batch_sharding))
-    losses.append(out['loss'])
-    if step in points:
-      loss = float(np.mean(jax.device_get(losses)))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f'Non-finite training loss in {workdir} by step {step}; lower '
-                                 'optim.learning_rate in the experiment config.')
-      rows.append({'split': 'train', 'step': step, 'loss': loss})
-      metrics = evaluate(s, eval_fn, state, config, cache)
-      rows.append({'split': 'eval', 'step': step, 'epoch': step / s.steps_per_epoch, **metrics})
-      losses = []
-  write_jsonl(os.path.join(workdir, 'metrics.jsonl'), rows)
-  results = {**metrics, 'steps': s.total_steps, 'epochs': s.total_steps / s.steps_per_epoch,
-             'num_train': s.info.num_train, 'num_eval': s.info.num_eval,
-             'seconds': time.perf_counter() - t0, **(extra or {})}
-  write_json(done, results)
-  return results
+  return train.fit(
+      s, config, init_state(s, config), workdir, t0=t0,
+      programs=lambda phase, start: programs(s, config, phase, start),
+      evaluation=lambda: eval_batches(config.data, config.train.eval_batch_size),
+      eval_steps=eval_steps(s.total_steps, num_evals), progress=False, extra=extra)
 
 
 def pretrain(config: ConfigDict, workdir: str) -> dict:

@@ -40,7 +40,7 @@ def run(cfg, out: str) -> list[dict]:
   for name, config, fields in common.progress(list(runs(cfg, init_from)), NAME):
     result = common.run(config, os.path.join(out, NAME, 'runs', name))
     rows.append({**fields, 'num_train': result['num_train'], 'top1': result['top1'],
-                 'seconds': result['seconds']})
+                 'seconds': result['wall_seconds']})
   common.write_jsonl(os.path.join(out, NAME, 'runs.jsonl'), rows)
   return rows
 

@@ -47,7 +47,7 @@ def run(cfg, out: str) -> tuple[list[dict], list[dict]]:
     workdir = os.path.join(out, NAME, 'runs', name)
     result = common.run(config, workdir, num_evals=evals)
     rows.append({**fields, 'num_train': result['num_train'], 'epochs': result['epochs'],
-                 'top1': result['top1'], 'seconds': result['seconds']})
+                 'top1': result['top1'], 'seconds': result['wall_seconds']})
     curves += [{**fields, 'epoch': m['epoch'], 'top1': m['top1']}
                for m in common.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
                if m['split'] == 'eval']

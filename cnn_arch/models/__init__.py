@@ -77,7 +77,7 @@ def init_variables(model, image_size: int, rng) -> dict:
   """`model.init` on one NHWC image of `image_size`, returning plain nested dicts.
 
   Compiled without XLA's backend optimisations: initialisation runs once, and the optimised
-  compile of the random initialisers alone takes 10-50 s on a 2-core CPU (vs ~5 s here).
+  compile of the random initialisers alone is several times slower (docs/performance.md).
   """
   x = jax.numpy.zeros((1, image_size, image_size, 3), jax.numpy.float32)
   init = jax.jit(functools.partial(model.init, train=False))

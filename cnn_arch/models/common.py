@@ -11,6 +11,7 @@ Every model in `cnn_arch.models` follows one calling convention, implemented by 
 * `frozen=k` runs the first k stages in inference mode (BatchNorm uses and keeps its running
   statistics, dropout is off) and stops the gradient at their output, so the backward pass never
   reaches the frozen prefix (optax masking alone would still compute those gradients, optax#290).
+  `frozen=('stage1', ...)` freezes the stages named (`cnn_arch.finetune`'s plans).
 * `features=True` returns `(logits, feats)` where `feats` maps every stage name to its output and
   `'pre_logits'` to the vector fed to the classifier.
 * `start=k` takes, instead of images, the output of the first k stages (e.g. the cached features
@@ -192,23 +193,39 @@ def check_frozen(frozen: int, stage_names: Sequence[str]):
         f'head).')
 
 
-def run_stages(stages: Sequence[tuple[str, Callable]], x, *, train: bool, frozen: int,
-               start: int = 0):
+def frozen_names(frozen: int | Sequence[str], body: Sequence[str]) -> tuple[str, ...]:
+  """The frozen stages of `frozen`: a count of leading stages, or the names themselves."""
+  if isinstance(frozen, int):
+    check_frozen(frozen, body)
+    return tuple(body[:frozen])
+  unknown = set(frozen) - set(body)
+  if unknown:
+    raise ValueError(f'frozen names {sorted(unknown)}, which are not stages before the head '
+                     f'({", ".join(body)}).')
+  return tuple(frozen)
+
+
+def run_stages(stages: Sequence[tuple[str, Callable]], x, *, train: bool,
+               frozen: int | Sequence[str], start: int = 0):
   """Runs the body `(name, fn(x, train))` stages in order (the head is not one of them).
 
   Returns the last output and a dict of every stage's output.
 
-  The first `frozen` stages run with train=False and their output is a constant for autodiff.
+  Frozen stages (the first `frozen`, or those named) run with train=False. The output of the
+  last stage of the frozen prefix is a constant for autodiff, so the backward pass stops there;
+  a frozen stage above a trained one passes the gradient through to it.
   With `start=k`, `x` is the output of the first k stages, which are skipped.
   """
-  check_frozen(frozen, [name for name, _ in stages])
+  names = [name for name, _ in stages]
+  frozen = frozen_names(frozen, names)
+  prefix = next((i for i, name in enumerate(names) if name not in frozen), len(names))
   if not 0 <= start <= len(stages):
     raise ValueError(f'start={start} is out of range: the model has {len(stages)} stages before '
                      'the head.')
   feats = {}
   for i, (name, fn) in enumerate(stages[start:], start):
-    x = fn(x, train and i >= frozen)
-    if i + 1 == frozen:
+    x = fn(x, train and name not in frozen)
+    if i + 1 == prefix:
       x = lax.stop_gradient(x)
     feats[name] = x
   return x, feats

@@ -11,7 +11,7 @@ stage3 = 5a, 5b; the head is global average pool, dropout (0.2) and fc.
 Auxiliary classifiers (`aux_logits=True`, torchvision's InceptionAux: adaptive 4x4 average pool,
 1x1 conv 128, fc 1024, dropout 0.7, fc classes) attach to the outputs of 4a ('aux1') and 4d
 ('aux2'), both inside stage2, and are frozen together with stage2: they run only in train mode
-while stage2 is trainable (`frozen <= 2`). Then the logits slot of the return value is the pair
+while stage2 is trainable (not frozen). Then the logits slot of the return value is the pair
 `(logits, (aux1_logits, aux2_logits))`, each [N, num_classes] float32; with stage2 frozen it is
 `(logits, ())` and the aux parameters get no gradient (the `attached_heads` property maps
 'aux1' and 'aux2' to `AUX_STAGE` for freezing masks). In eval mode the model returns plain logits, as torchvision does. Their
@@ -206,11 +206,11 @@ class GoogLeNet(nn.Module):
     logits = common.upcast(logits)
     return common.finish((logits, aux) if aux is not None else logits, feats, x, features)
 
-  def _aux(self, taps: dict, conv: Callable, train: bool, frozen: int):
+  def _aux(self, taps: dict, conv: Callable, train: bool, frozen):
     """Aux logits in train mode (None otherwise); () while their stage is frozen."""
     if not self.aux_logits:
       return None
-    trainable = train and frozen <= self.stage_names.index(AUX_STAGE)
+    trainable = train and AUX_STAGE not in common.frozen_names(frozen, self.stage_names[:-1])
     if not (trainable or self.is_initializing()):
       return () if train else None
     heads = tuple(InceptionAux(self.num_classes, conv, self.width, self.aux_dropout, self.dtype,

@@ -1,9 +1,8 @@
 """A 2-D convolution whose gradients run on matrix-multiply kernels (fast training on XLA:CPU).
 
-XLA:CPU lowers the weight gradient of a convolution to a slow generic kernel (2-25 GFLOP/s on a
-32x32x64 ResNet layer depending on the CPU, where PyTorch reaches 60, openxla/xla#34273), and the
-input gradient of a strided convolution to a convolution with `lhs_dilation`, another slow path
-(jax-ml/jax#23783). Measurements: BENCHMARKS.md.
+XLA:CPU can lower the weight gradient of a convolution to a slow generic kernel
+(openxla/xla#34273), and it lowers the input gradient of a strided convolution to a convolution
+with `lhs_dilation`, another slow path (jax-ml/jax#23783). Measurements: docs/performance.md.
 This op keeps XLA's forward convolution and replaces the backward pass (a `jax.custom_vjp`):
 
 * weight gradient: for every kernel tap (i, j), the strided slice of the padded input that the
@@ -21,21 +20,21 @@ Both are exact reformulations (same sums, different order), so results match
 `lax.conv_general_dilated` to float32 rounding. Anything outside NHWC/HWIO layouts, 2-D,
 unit dilation and non-negative padding falls back to `lax.conv_general_dilated` unchanged.
 
-`use_eigen_cpu_convolutions` is the measured CPU fix: XLA:CPU (jaxlib 0.10 and 0.12) hands
-every convolution, gradients included, to YNNPACK, whose weight-gradient kernel ran 2-2.5x
-slower than XLA's own Eigen convolution on ResNet-18's 3x3 layers; on jaxlib 0.12 the whole CIFAR
-ResNet-18 train step is 1.5x faster with the flag (BENCHMARKS.md). It is an XLA flag, so it
-applies to the whole program and only to the CPU backend; GPU and TPU compiles never read it.
+`use_eigen_cpu_convolutions` is the CPU fix for the weight gradients: XLA:CPU (jaxlib 0.10 and
+0.12) hands every convolution, gradients included, to YNNPACK, whose weight-gradient kernel is
+slower than XLA's own Eigen convolution on ResNet's 3x3 layers; the flag sends convolutions back
+to Eigen (docs/performance.md). It is an XLA flag, so it applies to the whole program and only
+to the CPU backend; GPU and TPU compiles never read it.
 
 `default_conv_general_dilated` also passes the input of every CPU convolution through
 `_fusion_barrier`. Eigen needs the weight gradient's input transposed (NHWC -> CHWN), and XLA
 fuses that transpose with the elementwise ops that produced the activation -- BatchNorm, ReLU
 and, through the residual additions, every earlier block of the stage -- recomputing them in a
-strided loop (up to 180 ms per 128x32x32x64 tensor, against 18 ms for the bare transpose).
+strided loop, several times slower than the bare transpose.
 XLA does not fuse across a `conditional`, and `optimization_barrier` is removed before fusion, so
 the barrier is a `lax.cond` on a run-time predicate whose branches both return the input: the
 activation is computed once, and the forward convolution and the transpose both read that buffer
-(whole CIFAR ResNet-18 train step 1.09-1.24x faster, in-process interleaved A/Bs; BENCHMARKS.md).
+(docs/performance.md).
 """
 
 import contextlib
@@ -86,16 +85,14 @@ def default_conv_general_dilated(lhs, rhs, *args, **kwargs):
   """The convolution to train with on this backend (same signature as `lax`'s).
 
   On CPU, grouped convolutions (ResNeXt) and 1x1 convolutions get the matmul-backward op:
-  XLA:CPU's grouped-convolution gradients are pathologically slow (jax-ml/jax#13800; 33x slower
-  than this op on a ResNeXt-50 stage-3 layer here), and a 1x1 weight gradient is one matrix
-  product (1.3-2x faster than Eigen's kernel). A convolution whose output is smaller than its
-  kernel (ResNet-50's 3x3 layers on 2x2 maps) is one im2col matrix product (`_im2col_conv`):
-  Eigen runs it at ~2 GFLOP/s (8x2x2x512->512: 65/69 ms forward/input gradient against 2 ms).
-  A dense strided convolution (ResNet's 3x3 downsampling) gets the custom VJP with the phase-split
-  input gradient (XLA's lhs-dilated one took 83 against 29 ms on CIFAR ResNet-18's 32x32x64->128
-  layer) and XLA's own weight gradient. Every other convolution is `lax.conv_general_dilated`:
-  the per-tap 3x3 weight gradient lost to Eigen's, and im2col to Eigen on 4x4 and larger maps
-  (BENCHMARKS.md). On CPU every input also goes through `_fusion_barrier` (module docstring).
+  XLA:CPU's grouped-convolution gradients are pathologically slow (jax-ml/jax#13800), and a 1x1
+  weight gradient is one matrix product. A convolution whose output is smaller than its kernel
+  (ResNet-50's 3x3 layers on 2x2 maps) is one im2col matrix product (`_im2col_conv`), where
+  Eigen's kernel is slow. A dense strided convolution (ResNet's 3x3 downsampling) gets the custom
+  VJP with the phase-split input gradient (no lhs-dilated convolution) and XLA's own weight
+  gradient. Every other convolution is `lax.conv_general_dilated`: the per-tap 3x3 weight
+  gradient is slower than Eigen's, and so is im2col on 4x4 and larger maps (docs/performance.md).
+  On CPU every input also goes through `_fusion_barrier` (module docstring).
   GPU and TPU get plain `lax.conv_general_dilated`.
 
   The custom-VJP paths support reverse mode only: for `jax.jvp` (forward mode) through them,

@@ -11,7 +11,7 @@ CIFAR-10 images are resized to 224 (what the ImageNet weights expect, standard s
 lecture's recipe replaces the 1000-way head by a fresh 10-way one. Every freeze depth 0..5
 (stem, stage1..4) at 1, 10, 100 and 1000 training examples per class, three seeds (each a
 different subset), a fixed 1,000 SGD steps per run (batch 64; the 10-example view trains with
-batch 10). Needs the weights (see the weights README) and CIFAR-10 prepared by tfds: run
+batch 10). Needs the weights (see docs/weights.md) and CIFAR-10 prepared by tfds: run
 `tfds build cifar10` once with internet, then set data.data_dir if it is not ~/tensorflow_datasets.
 Cost: 72 runs of 1,000 steps at 224x224, a few GPU-hours.
 """

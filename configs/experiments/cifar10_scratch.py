@@ -11,7 +11,7 @@ is pretrained on CIFAR-100 once with BatchNorm and once with GroupNorm (32x32, 6
 then CIFAR-10 is trained from scratch and fine-tuned from it for 1x, 2x and 4x a 3,000-step
 schedule (batch 128; 1x is about 8 epochs of the full set), on all 5,000 and on 100 examples per
 class, two seeds. `imagenet`: the BatchNorm arm only, fine-tuned from torchvision's ImageNet
-ResNet-18 (weights/resnet18, see the weights README) at 224x224 -- torchvision has no GroupNorm
+ResNet-18 (weights/resnet18, see docs/weights.md) at 224x224 -- torchvision has no GroupNorm
 ResNet weights. Both need cifar10 (and cifar100) prepared by tfds with internet once.
 """
 

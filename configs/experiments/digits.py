@@ -2,8 +2,8 @@
 
     python -m experiments.run_all --out=results/     # all four, then report.md
 
-Measured: 599 s on the idle 2-core CPU, most of it XLA compiles (the architecture comparison,
-with full-width ResNet-50 and ResNeXt-50, is 284 s of it).
+Most of the run time is XLA compilation; OUT/timings.json records each experiment's wall time
+(the committed figures: docs/performance.md).
 
 Transfer follows the class split of Yosinski et al. (2014): an eighth-width ResNet-18 (CIFAR
 stem, 16x16 inputs; the digits are 8x8) is pretrained on digits 0-4 (source) and fine-tuned on
