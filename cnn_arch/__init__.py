@@ -1,4 +1,11 @@
-"""cnn_arch: classic CNN architectures and fine-tuning them, in JAX/Flax."""
+"""cnn_arch: classic CNN architectures and fine-tuning them, in JAX/Flax.
+
+Importing it changes one process-wide setting: on jaxlib 0.10 and 0.12 it appends
+`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to `XLA_FLAGS` (unless that
+option is already there), so that XLA:CPU runs convolutions on its Eigen kernels. It affects
+CPU only, and only if JAX's CPU backend has not started yet; set the option yourself before the
+import to keep XLA's default (`cnn_arch.ops.conv.use_eigen_cpu_convolutions`).
+"""
 
 import os
 

@@ -13,11 +13,9 @@ import numbers
 from ml_collections import ConfigDict  # re-exported for configs/*.py
 from ml_collections.config_dict import placeholder
 
-from cnn_arch.models.common import NORMS
+from cnn_arch.models.common import IMAGENET_MEAN, IMAGENET_STD, NORMS
 
 DTYPES = ('float32', 'bfloat16', 'float64')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def base() -> ConfigDict:
@@ -40,7 +38,10 @@ def base() -> ConfigDict:
   c.data.data_dir = placeholder(str)
   c.data.folder = placeholder(str)
   c.data.train_split = 'train'
-  c.data.eval_split = 'test'
+  # None: `validation` where the dataset has one (else `test`). Evaluated during training; the
+  # best checkpoint is chosen on it. data.test_split (None: `test`) is evaluated once, at the end.
+  c.data.eval_split = placeholder(str)
+  c.data.test_split = placeholder(str)
   # None (the placeholders): the dataset's default, e.g. 32x32 for digits and CIFAR, else 224.
   c.data.image_size = placeholder(int)
   c.data.mean = placeholder(tuple)
@@ -197,7 +198,8 @@ RULES = {
     'data.folder': text(optional=True),
     'data.manual_dir': text(optional=True),
     'data.train_split': text(),
-    'data.eval_split': text(),
+    'data.eval_split': text(optional=True),
+    'data.test_split': text(optional=True),
     'data.image_size': integer(1, MAX_IMAGE_SIZE, optional=True),
     'data.mean': per_channel(positive=False),
     'data.std': per_channel(positive=True),
@@ -310,10 +312,6 @@ def variant(c: ConfigDict, arg: str | None, pretrained_dir: str) -> ConfigDict:
     c.data.image_size = 224
     c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD  # the statistics the weights expect
     c.model.options.cifar_stem = False
-    if c.model.name == 'alexnet':  # torchvision's AlexNet is the one-weird-trick layout
-      c.model.name = 'alexnet_tv'
-    if c.model.name == 'googlenet':  # its ImageNet weights re-normalise their input
-      c.model.options.transform_input = True
     c.finetune.init_from = pretrained_dir
     c.optim.learning_rate = 0.01
     c.optim.warmup_epochs = 0.5

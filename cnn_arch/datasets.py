@@ -195,6 +195,28 @@ def _read(builder, name: str, start: int, stop: int, total: int) -> tf.data.Data
   return ds
 
 
+def split_names(spec: Spec) -> tuple[str, ...]:
+  return tuple(prepared_builder(spec).info.splits.keys())
+
+
+def eval_split(cfg) -> str:
+  """data.eval_split, or by default (None) `validation` where the dataset has one, else `test`:
+  what a run evaluates during training and selects its best checkpoint on."""
+  if cfg.get('eval_split'):
+    return cfg.eval_split
+  return 'validation' if 'validation' in split_names(spec_of(cfg)) else 'test'
+
+
+def test_split(cfg) -> str | None:
+  """data.test_split, or by default `test` unless it is the evaluation split or missing: the
+  split a run evaluates once, at the end, for its final number."""
+  split = cfg.get('test_split') or 'test'
+  if split == eval_split(cfg) or (not cfg.get('test_split') and
+                                  'test' not in split_names(spec_of(cfg))):
+    return None
+  return split
+
+
 @functools.lru_cache(maxsize=None)
 def _split_range(spec: Spec, split: str) -> tuple[str, int, int]:
   """Resolves e.g. 'train[:90%]' to ('train', 0, 45000)."""

@@ -26,13 +26,13 @@ import numpy as np
 import tensorflow as tf
 
 from cnn_arch import datasets
+from cnn_arch.models.common import IMAGENET_MEAN, IMAGENET_STD
 
 try:  # The input pipeline must never take accelerator memory away from JAX.
   tf.config.set_visible_devices([], 'GPU')
 except RuntimeError:  # TF already initialised its devices (then the caller hid them, or chose not to).
   pass
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Per-dataset defaults. `crop`: pad-and-crop for small images; `inception`: random-resized crop.
 # Datasets not listed get `crop` at their native size if their images are <= 64 pixels, else
 # `inception` at 224, with ImageNet statistics (what pretrained networks expect).
@@ -166,7 +166,7 @@ def get_info(data_cfg) -> DatasetInfo:
   return DatasetInfo(name=spec.name, num_classes=len(classes),
                      class_names=tuple(names[c] for c in classes), image_size=prep.size,
                      num_train=datasets.count(spec, data_cfg.train_split, True),
-                     num_eval=datasets.count(spec, data_cfg.eval_split, False), mean=prep.mean,
+                     num_eval=datasets.count(spec, datasets.eval_split(data_cfg), False), mean=prep.mean,
                      std=prep.std)
 
 
@@ -237,14 +237,14 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
 
 def eval_batches(data_cfg, *, global_batch_size: int, split: str | None = None,
                  train_view: bool = False) -> Iterator[dict[str, np.ndarray]]:
-  """This host's examples of `split` (default data.eval_split) once each, in padded batches.
+  """This host's examples of `split` (default: `datasets.eval_split`) once each, in padded batches.
 
   Yields {'image', 'label', 'mask'}; `mask` is float32, 0 for padding. Every host yields the same
   number of batches (the largest host share, rounded up), as the trainer's collectives need.
   `train_view=True` reads the training view of `split` (data.per_class/fraction applied), still
   without augmentation, and adds each example's view 'index' (as `train_batches` yields it).
   """
-  spec, split = datasets.spec_of(data_cfg), split or data_cfg.eval_split
+  spec, split = datasets.spec_of(data_cfg), split or datasets.eval_split(data_cfg)
   local = _local_batch(global_batch_size)
   prep = _prep(data_cfg, datasets.prepared_builder(spec))
   hosts = jax.process_count()

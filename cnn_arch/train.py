@@ -26,7 +26,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, feature_cache, input_pipeline, models, optim, reporting, rundir
+from cnn_arch import (checkpoint, datasets, feature_cache, input_pipeline, models, optim,
+                      reporting, rundir)
 from cnn_arch.train_setup import AXIS, Setup, load_init_from, make_setup
 
 
@@ -314,6 +315,15 @@ def fit(s: Setup, config: ConfigDict, state: TrainState, workdir: str, *,
   state, eval_metrics = loop.run(state, feature_cache.train_batches(
       cache, config.data, seed=config.seed, start_step=start,
       global_batch_size=config.train.batch_size))
+  test = datasets.test_split(config.data)
+  if test:  # the final number, on a split that chose nothing
+    test_fn = programs(s.plan.phase_at(s.total_steps), 0)[1] if cached else loop.eval_fn
+    t = time.perf_counter()
+    test_metrics = evaluate(s, test_fn, state, input_pipeline.eval_batches(
+        config.data, global_batch_size=config.train.eval_batch_size, split=test))
+    seconds['eval'] += time.perf_counter() - t
+    reporter.write('test', s.total_steps, test_metrics)
+    eval_metrics = {**eval_metrics, **{f'test_{k}': v for k, v in test_metrics.items()}}
   if mngr is not None:
     mngr.wait_until_finished()
   reporter.close()
@@ -345,6 +355,7 @@ class _Loop:
   programs: Any  # phase -> (train step, eval step)
   evaluation: Any  # () -> evaluation batches
   eval_steps: set
+  eval_fn: Any = None  # the compiled eval step, once `run` has built it
 
   def evaluate(self, eval_fn, state, step: int | None = None) -> dict:
     t = time.perf_counter()
@@ -359,6 +370,7 @@ class _Loop:
     start = int(host_value(state.step))
     phase = s.plan.phase_at(start)
     step_fn, eval_fn = self.programs(phase)
+    self.eval_fn = eval_fn
     pending, eval_metrics = [], None
     batches = _on_device(s, batches, start + 1)
     for step in range(start + 1, s.total_steps + 1):
@@ -429,7 +441,9 @@ def _results(s: Setup, config, state, eval_metrics: dict, start: int, seconds: f
   for key, sub in state.params.items():
     counts[s.plan.trained(key)] += sum(int(np.prod(p.shape)) for p in jax.tree.leaves(sub))
   steps_run = s.total_steps - start
-  return {'model': config.model.name, 'dataset': config.data.name, **eval_metrics,
+  return {'model': config.model.name, 'dataset': config.data.name,
+          'eval_split': datasets.eval_split(config.data),
+          'test_split': datasets.test_split(config.data), **eval_metrics,
           'steps': s.total_steps, 'epochs': config.train.num_epochs,
           'examples_per_sec': steps_run * config.train.batch_size / max(seconds, 1e-9),
           'trainable_params': counts[True], 'frozen_params': counts[False],

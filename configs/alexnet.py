@@ -20,4 +20,7 @@ def get_config(arg=None):
   c.train.batch_size = 64
   c.train.num_epochs = 8.0
   c.optim.learning_rate = 0.01
-  return config.variant(c, arg, pretrained_dir='weights/alexnet')
+  c = config.variant(c, arg, pretrained_dir='weights/alexnet')
+  if arg == 'cifar10_finetune':  # torchvision's AlexNet weights are the one-weird-trick layout
+    c.model.name = 'alexnet_tv'
+  return c

@@ -21,4 +21,7 @@ def get_config(arg=None):
   c.train.batch_size = 64
   c.train.num_epochs = 8.0
   c.optim.learning_rate = 0.05
-  return config.variant(c, arg, pretrained_dir='weights/googlenet')
+  c = config.variant(c, arg, pretrained_dir='weights/googlenet')
+  if arg == 'cifar10_finetune':  # torchvision's ImageNet weights re-normalise their input
+    c.model.options.transform_input = True
+  return c

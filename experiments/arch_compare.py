@@ -6,7 +6,7 @@ AlexNet (Krizhevsky et al. 2012), VGG (Simonyan & Zisserman 2015), GoogLeNet (Sz
 2015), ResNet (He et al. 2016), ResNeXt (Xie et al. 2017) and a GroupNorm ResNet (Wu & He 2018),
 all at the same reduced width, trained from scratch with the same schedule on the same task.
 Parameters and MACs come from `cnn_arch.summary.analyze`; images/s are medians of timed calls
-(`experiments.benchmark.timed`) of the very train and eval steps the runs used, on this machine.
+(`benchmarks.common.timed`) of the very train and eval steps the runs used, on this machine.
 The lecture claims ResNeXt is 1.5-2x slower than ResNet at equal MACs because grouped
 convolutions are poorly optimised; `resnext_finding` states what this machine shows.
 Writes OUT/arch_compare/rows.jsonl.
@@ -21,7 +21,8 @@ from ml_collections import ConfigDict
 from cnn_arch import config as config_lib
 from cnn_arch import summary
 from cnn_arch.train_setup import make_setup
-from experiments import benchmark, common
+from benchmarks.common import timed
+from experiments import common
 
 NAME = 'arch_compare'
 
@@ -59,8 +60,8 @@ def measure(config: ConfigDict, steps: int) -> dict:
                          'mask': jnp.ones((batch,))}, s.batch_sharding)
   # The step donates its state: each timed call gets a fresh copy (a few small device copies).
   train = lambda st, b: step_fn(jax.tree.map(jnp.copy, st), b)
-  train_s = benchmark.timed(train, state, {k: data[k] for k in ('image', 'label')}, steps=steps)
-  infer_s = benchmark.timed(eval_fn, state, data, steps=steps)
+  train_s = timed(train, state, {k: data[k] for k in ('image', 'label')}, steps=steps)
+  infer_s = timed(eval_fn, state, data, steps=steps)
   return dict(params=report['total_params'], macs=report['total_macs'], image_size=size,
               batch=batch, train_img_s=batch / train_s, infer_img_s=batch / infer_s,
               backend=jax.default_backend())

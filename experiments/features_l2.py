@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, input_pipeline, models
+from cnn_arch import checkpoint, datasets, input_pipeline, models
 from experiments import common
 
 NAME = 'features_l2'
@@ -132,7 +132,7 @@ def run(cfg, out: str) -> dict:
   data = cfg.target.data
   info = input_pipeline.get_info(data)
   train_x, train_y = split_arrays(data, data.train_split)
-  test_x, test_y = split_arrays(data, data.eval_split)
+  test_x, test_y = split_arrays(data, datasets.eval_split(data))
   fc = cfg.features
   results, shown = {}, {}
   for name, (model, variables) in networks(cfg, out, info.image_size).items():

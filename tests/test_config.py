@@ -150,3 +150,13 @@ def test_float64_without_x64_names_the_fix():
   c.model.dtype = 'float64'
   with pytest.raises(ValueError, match='set JAX_ENABLE_X64=1'):
     train.make_setup(c)
+
+
+def test_finetune_variants_take_the_family_quirks_of_torchvision_weights():
+  # torchvision's AlexNet weights are the one-weird-trick layout; its GoogLeNet weights expect
+  # their input re-normalised (transform_input).
+  assert load('configs/alexnet.py').get_config('cifar10_finetune').model.name == 'alexnet_tv'
+  assert load('configs/alexnet.py').get_config('cifar10').model.name == 'alexnet'
+  googlenet = load('configs/googlenet.py')
+  assert googlenet.get_config('cifar10_finetune').model.options.transform_input
+  assert 'transform_input' not in googlenet.get_config('cifar10').model.options

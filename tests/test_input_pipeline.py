@@ -343,10 +343,3 @@ def test_batch_size_must_divide_over_hosts(data_dir, monkeypatch):
     next(ip.train_batches(_cfg(data_dir), global_batch_size=130, seed=0))
   with pytest.raises(ValueError, match='exceeds the 1259 training examples'):
     next(ip.train_batches(_cfg(data_dir), global_batch_size=2048, seed=0))
-
-
-def test_bench_input_smoke(data_dir):
-  from experiments import bench_input  # pylint: disable=g-import-not-at-top
-  rates = bench_input.measure(bench_input.data_config('digits', data_dir), batch_size=64, steps=2,
-                              repeats=1)
-  assert set(rates) == {'train', 'eval'} and min(rates.values()) > 0

@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 from cnn_arch.models import MODELS, get_model, model_options
-from cnn_arch.models import inception, resnet
+from cnn_arch.models import common, inception, resnet
 
 # torchvision's figures (torchvision.models weights metadata, `num_params`), 1000 classes.
 PARAM_COUNTS = {
@@ -240,7 +240,8 @@ def test_bf16_keeps_float32_params_and_logits(name):
 @pytest.mark.parametrize('block', [resnet.BasicBlock, resnet.Bottleneck])
 def test_zero_init_residual(block):
   last = 'bn2' if block is resnet.BasicBlock else 'bn3'
-  module = block(features=8, out=8, zero_init_residual=True)
+  module = block(features=8, out=8, conv=common.conv, norm=functools.partial(common.norm, 'batch'),
+                 zero_init_residual=True)
   params = run_quick(lambda x: module.init(KEY, x, train=False), jnp.ones((1, 4, 4, 8)))['params']
   assert np.all(params[last]['scale'] == 0) and np.all(params['bn1']['scale'] == 1)
 

@@ -501,9 +501,9 @@ def test_two_hosts_match_one_host_with_two_devices(tmp_path):
     one_step = np.linalg.norm(flat(one) - flat(checkpoint.load_pretrained(f'{tmp}/one', 2)[0]))
     # Not bit-identical (each device sums other examples first): float64 rounding apart.
     assert np.linalg.norm(flat(one) - flat(two)) < 1e-9 * one_step
-    # One writer: each logged point once, a log every 2 steps and at the last.
+    # One writer: each logged point once, a log every 2 steps and at the last, the final test.
     assert [(m['split'], m['step']) for m in metrics(f'{tmp}/two')] == [
-        ('train', 2), ('train', 3), ('eval', 3)]
+        ('train', 2), ('train', 3), ('eval', 3), ('test', 3)]
     # The two-process checkpoint, optimizer state included, restores in this one-device process.
     c = tiny_config(**MULTI)
     s = make_setup(c)

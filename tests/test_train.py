@@ -102,11 +102,24 @@ def test_run_writes_results_metrics_tensorboard_and_checkpoints(pretrained):
     assert key in results
   assert json.load(open(os.path.join(workdir, 'results.json')))['steps'] == results['steps'] == 5
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  assert {l['split'] for l in lines} == {'train', 'eval'}
+  assert {l['split'] for l in lines} == {'train', 'eval', 'test'}
   assert all(np.isfinite(l['loss']) for l in lines)
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert os.path.exists(os.path.join(workdir, 'results.md'))
   assert 5 in checkpoint.manager(os.path.join(workdir, 'checkpoints')).all_steps()
+
+
+def test_selection_uses_validation_and_the_test_split_gives_the_final_number(pretrained):
+  workdir, results = pretrained
+  # digits has a validation split: it is evaluated during training and picks the best
+  # checkpoint; the test split is evaluated once, at the end, on the final state.
+  assert results['eval_split'] == 'validation' and results['test_split'] == 'test'
+  assert results['num_eval'] == 179 and 0 <= results['test_top1'] <= 1
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [l['step'] for l in lines if l['split'] == 'test'] == [results['steps']]
+  c = tiny_config(data=dict(eval_split='test'), train=dict(num_epochs=0.2))
+  s = make_setup(c)
+  assert s.info.num_eval == 359 and train.datasets.test_split(c.data) is None
 
 
 def test_finetune_loads_backbone_and_reinitialises_head(pretrained):

@@ -258,7 +258,7 @@ def test_logits_match_torchvision(torch, name, size):
 
 
 def test_googlenet_auxiliary_heads_match_torchvision(torch):
-  from cnn_arch.models import inception  # pylint: disable=g-import-not-at-top
+  from cnn_arch.models import common, inception  # pylint: disable=g-import-not-at-top
   tv = torchvision_model(torch, 'googlenet', aux_logits=True)
   model, variables = weights.load_torchvision('googlenet', tv.state_dict())
   assert model.aux_logits and model.transform_input
@@ -267,8 +267,9 @@ def test_googlenet_auxiliary_heads_match_torchvision(torch):
   tv.inception4d.register_forward_hook(lambda m, i, o: taps.update(aux2=o))
   with torch.no_grad():
     tv(torch.randn(2, 3, 224, 224))
-  conv = functools.partial(inception.BasicConv, norm='batch', dtype=jnp.float32)
-  head = inception.InceptionAux(1000, conv, width=1.0, dropout=0.7)
+  conv = functools.partial(inception.BasicConv, conv=common.conv,
+                           norm=functools.partial(common.norm, 'batch'))
+  head = inception.InceptionAux(1000, conv, width=1.0, dropout=0.7, dense=common.dense)
   for name, feature in taps.items():
     with torch.no_grad():
       ref = getattr(tv, name)(feature).numpy()

@@ -74,27 +74,29 @@ class AlexNet(nn.Module):
       raise ValueError(f'Unknown AlexNet layout {self.layout!r}; choose one of {tuple(_CONVS)}.')
     if not start:
       common.check_input(x, self.min_size, f'AlexNet ({self.layout} layout)')
-    stages = [(name, self._conv_stage(i, name)) for i, name in enumerate(self.stage_names[:5])]
+    conv = functools.partial(common.conv, dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
+    norm = functools.partial(common.norm, self.norm, dtype=self.dtype,
+                             axis_name=self.bn_axis_name)
+    dense = functools.partial(common.dense, dtype=self.dtype)
+    stages = [(name, self._conv_stage(i, name, conv, norm))
+              for i, name in enumerate(self.stage_names[:5])]
     hidden = common.scaled(_HIDDEN, self.width)
     for i, name in ((6, 'stage5'), (7, 'stage6')):
-      fc = common.DenseStage(hidden, f'fc{i}', dropout=self.dropout,
-                             dropout_first=self.layout == 'torchvision', dtype=self.dtype,
-                             name=name)
+      fc = common.DenseStage(hidden, f'fc{i}', dense, dropout=self.dropout,
+                             dropout_first=self.layout == 'torchvision', name=name)
       stages.append((name, self._before_fc6(fc) if i == 6 else fc))
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
-    logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
+    logits = dense(self.num_classes, name=common.HEAD)(x)
     return common.finish(common.upcast(logits), feats, x, features)
 
-  def _conv_stage(self, i: int, name: str) -> common.ConvStack:
+  def _conv_stage(self, i: int, name: str, conv: Callable, norm: Callable) -> common.ConvStack:
     features, kernel, stride, padding = _CONVS[self.layout][i]
     if i == 0 and self.cifar_stem:
       kernel, stride, padding = 3, 1, 1
     pooled = i in _POOLED and not (i == 0 and self.cifar_stem)
     layer = (f'conv{i + 1}', common.scaled(features, self.width), kernel, stride, padding)
-    return common.ConvStack((layer,), pool=(3, 2) if pooled else None, norm=self.norm,
-                            bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                            conv_general_dilated=self.conv_general_dilated,
-                            name=name)
+    return common.ConvStack((layer,), conv, norm, pool=(3, 2) if pooled else None, name=name)
 
   def _before_fc6(self, fc6: Callable) -> Callable:
     """The adaptive pool (torchvision) or the fixed-size check (paper) in front of fc6."""

@@ -16,6 +16,14 @@ Every model in `cnn_arch.models` follows one calling convention, implemented by 
   `'pre_logits'` to the vector fed to the classifier.
 * `start=k` takes, instead of images, the output of the first k stages (e.g. the cached features
   of a frozen prefix, `cnn_arch.feature_cache`) and runs only the stages after them.
+
+Only a model's top-level module has the user-facing options (`norm`, `bn_axis_name`, `dtype`,
+`conv_general_dilated`, ...). As in Flax's examples/imagenet, its `__call__` binds them into
+layer factories and hands its submodules (stems, stages, blocks) only those: `conv`
+(`functools.partial(conv, dtype=..., conv_general_dilated=...)`, plus `use_bias` where a family's
+bias depends on the norm), `norm` (`functools.partial(norm, kind, dtype=..., axis_name=...)`,
+later called with `train`, `name` and any `epsilon` or `scale_init`) and `dense`
+(`functools.partial(dense, dtype=...)`).
 """
 
 import math
@@ -29,6 +37,8 @@ from jax import lax
 from cnn_arch.ops import conv as conv_ops
 
 NORMS = ('batch', 'group', 'none')
+# The ImageNet statistics torchvision's weights expect of their input.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HEAD = 'head'
 
 # torchvision initialises convolutions with kaiming_normal(fan_out) for ResNet/VGG; we use it for
@@ -140,23 +150,20 @@ def adaptive_avg_pool(x, output_size: int):
 class ConvStack(nn.Module):
   """Plain conv (+ norm) + ReLU layers, then an optional max pool: one AlexNet or VGG stage.
 
-  `layers` holds `(name, features, kernel, stride, padding)`; each norm is named after its conv
-  (`conv3` -> `bn3`). Convolutions keep their bias under BatchNorm, as torchvision's `vgg*_bn`.
+  `layers` holds `(name, features, kernel, stride, padding)`; `conv` and `norm` are the model's
+  factories (see the module docstring); each norm is named after its conv (`conv3` -> `bn3`).
+  Convolutions keep their bias under BatchNorm, as torchvision's `vgg*_bn`.
   """
   layers: Sequence[tuple[str, int, int, int, int]]
+  conv: Callable
+  norm: Callable
   pool: tuple[int, int] | None = (2, 2)
-  norm: str = 'none'
-  bn_axis_name: str | None = None
-  dtype: Any = jnp.float32
-  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     for name, features, kernel, stride, padding in self.layers:
-      x = conv(features, kernel, stride, padding, use_bias=True, dtype=self.dtype,
-               conv_general_dilated=self.conv_general_dilated, name=name)(x)
-      x = nn.relu(norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
-                       name=name.replace('conv', 'bn'))(x))
+      x = self.conv(features, kernel, stride, padding, use_bias=True, name=name)(x)
+      x = nn.relu(self.norm(train=train, name=name.replace('conv', 'bn'))(x))
     if self.pool:
       x = max_pool(x, *self.pool)
     return x
@@ -165,13 +172,14 @@ class ConvStack(nn.Module):
 class DenseStage(nn.Module):
   """Flatten, then Dense + ReLU with dropout: one hidden fully connected stage (fc6, fc7).
 
-  torchvision's AlexNet drops out before the layer, VGG and the AlexNet paper after it.
+  `dense` is the model's dense factory. torchvision's AlexNet drops out before the layer, VGG and
+  the AlexNet paper after it.
   """
   features: int
   layer: str
+  dense: Callable
   dropout: float = 0.5
   dropout_first: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -179,7 +187,7 @@ class DenseStage(nn.Module):
     x = x.reshape(x.shape[0], -1)  # NHWC order: importers permute torch's NCHW-flattened weights
     if self.dropout_first:
       x = drop(x)
-    x = nn.relu(dense(self.features, dtype=self.dtype, name=self.layer)(x))
+    x = nn.relu(self.dense(self.features, name=self.layer)(x))
     return x if self.dropout_first else drop(x)
 
 

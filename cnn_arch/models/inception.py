@@ -48,33 +48,30 @@ _INCEPTIONS = (
       ('inception5b', (384, 192, 384, 48, 128, 128))), None),
 )
 _AUX_TAPS = {'aux1': 'inception4a', 'aux2': 'inception4d'}
-_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_MEAN, _STD = common.IMAGENET_MEAN, common.IMAGENET_STD
 
 
 class BasicConv(nn.Module):
-  """torchvision's BasicConv2d: conv (no bias under a norm), norm with eps 1e-3, ReLU."""
+  """torchvision's BasicConv2d: conv (no bias under a norm), norm with eps 1e-3, ReLU.
+
+  `conv` and `norm` are GoogLeNet's factories; `conv` has the bias choice bound.
+  """
   features: int
   kernel: int
+  conv: Callable
+  norm: Callable
   stride: int = 1
-  norm: str = 'batch'
-  bn_axis_name: str | None = None
-  dtype: Any = jnp.float32
-  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = common.conv(self.features, self.kernel, self.stride, use_bias=self.norm == 'none',
-                    dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
-                    name='conv')(x)
-    return nn.relu(common.norm(self.norm, train=train, epsilon=1e-3, dtype=self.dtype,
-                               axis_name=self.bn_axis_name,
-                               name='bn')(x))
+    x = self.conv(self.features, self.kernel, self.stride, name='conv')(x)
+    return nn.relu(self.norm(train=train, epsilon=1e-3, name='bn')(x))
 
 
 class Inception(nn.Module):
   """One inception module with dimension reductions, or the naive one (see the docstring)."""
   widths: Sequence[int]
-  conv: Callable  # BasicConv with norm, dtype and convolution bound
+  conv: Callable  # BasicConv with its conv and norm factories bound
   naive: bool = False
   kernel_5x5: int = 3
 
@@ -121,27 +118,31 @@ class _Stem(nn.Module):
     pool = (lambda x: x) if self.cifar else (
         lambda x: common.max_pool(x, 3, 2, ceil_mode=True))
     kernel, stride = (3, 1) if self.cifar else (7, 2)
-    x = pool(self.conv(common.scaled(64, self.width), kernel, stride, name='conv1')(x, train))
+    x = pool(self.conv(common.scaled(64, self.width), kernel, stride=stride, name='conv1')(
+        x, train))
     x = self.conv(common.scaled(64, self.width), 1, name='conv2')(x, train)
     return pool(self.conv(common.scaled(192, self.width), 3, name='conv3')(x, train))
 
 
 class InceptionAux(nn.Module):
-  """torchvision's InceptionAux (flatten in NHWC order; importers permute fc1's inputs)."""
+  """torchvision's InceptionAux (flatten in NHWC order; importers permute fc1's inputs).
+
+  `conv` is GoogLeNet's BasicConv factory, `dense` its dense factory.
+  """
   num_classes: int
   conv: Callable
   width: float
   dropout: float
-  dtype: Any = jnp.float32
+  dense: Callable
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = self.conv(common.scaled(128, self.width), 1, name='conv')(
         common.adaptive_avg_pool(x, 4), train)
-    x = nn.relu(common.dense(common.scaled(1024, self.width), dtype=self.dtype, name='fc1')(
+    x = nn.relu(self.dense(common.scaled(1024, self.width), name='fc1')(
         x.reshape(x.shape[0], -1)))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return common.upcast(common.dense(self.num_classes, dtype=self.dtype, name='fc2')(x))
+    return common.upcast(self.dense(self.num_classes, name='fc2')(x))
 
 
 class GoogLeNet(nn.Module):
@@ -180,10 +181,13 @@ class GoogLeNet(nn.Module):
       common.check_input(x, self.min_size, 'GoogLeNet')
     if self.transform_input and not start:
       x = x * (jnp.array(_STD) / 0.5) + (jnp.array(_MEAN) - 0.5) / 0.5
-    conv = functools.partial(BasicConv, norm=self.norm, bn_axis_name=self.bn_axis_name,
-                             dtype=self.dtype,
+    conv = functools.partial(common.conv, use_bias=self.norm == 'none', dtype=self.dtype,
                              conv_general_dilated=self.conv_general_dilated)
-    inception = functools.partial(Inception, conv=conv, naive=self.naive,
+    norm = functools.partial(common.norm, self.norm, dtype=self.dtype,
+                             axis_name=self.bn_axis_name)
+    dense = functools.partial(common.dense, dtype=self.dtype)
+    basic_conv = functools.partial(BasicConv, conv=conv, norm=norm)
+    inception = functools.partial(Inception, conv=basic_conv, naive=self.naive,
                                   kernel_5x5=self.kernel_5x5)
     taps = {}
 
@@ -194,26 +198,26 @@ class GoogLeNet(nn.Module):
         return x
       return run
 
-    stages = [('stem', _Stem(conv, self.width, self.cifar_stem, name='stem'))]
+    stages = [('stem', _Stem(basic_conv, self.width, self.cifar_stem, name='stem'))]
     for i, (modules, pool) in enumerate(_INCEPTIONS):
       modules = tuple((n, tuple(common.scaled(c, self.width) for c in w)) for n, w in modules)
       name = f'stage{i + 1}'
       stages.append((name, keep_taps(_InceptionStage(modules, pool, inception, name=name))))
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
-    aux = self._aux(taps, conv, train, frozen)
+    aux = self._aux(taps, basic_conv, dense, train, frozen)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.mean(axis=(1, 2)))
-    logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
+    logits = dense(self.num_classes, name=common.HEAD)(x)
     logits = common.upcast(logits)
     return common.finish((logits, aux) if aux is not None else logits, feats, x, features)
 
-  def _aux(self, taps: dict, conv: Callable, train: bool, frozen):
+  def _aux(self, taps: dict, conv: Callable, dense: Callable, train: bool, frozen):
     """Aux logits in train mode (None otherwise); () while their stage is frozen."""
     if not self.aux_logits:
       return None
     trainable = train and AUX_STAGE not in common.frozen_names(frozen, self.stage_names[:-1])
     if not (trainable or self.is_initializing()):
       return () if train else None
-    heads = tuple(InceptionAux(self.num_classes, conv, self.width, self.aux_dropout, self.dtype,
+    heads = tuple(InceptionAux(self.num_classes, conv, self.width, self.aux_dropout, dense,
                                name=name)(taps[tap], trainable)
                   for name, tap in _AUX_TAPS.items())
     return (heads if trainable else ()) if train else None

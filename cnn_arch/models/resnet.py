@@ -28,26 +28,21 @@ from cnn_arch.models import common
 
 
 class _Block(nn.Module):
-  """Fields shared by both block types; `features` is the inner width, `out` the output width."""
+  """Fields shared by both block types; `features` is the inner width, `out` the output width.
+
+  `conv` and `norm` are ResNet's factories (`conv` has the bias choice bound).
+  """
   features: int
   out: int
+  conv: Callable
+  norm: Callable
   stride: int = 1
   groups: int = 1
-  norm: str = 'batch'
-  bn_axis_name: str | None = None
   zero_init_residual: bool = False
-  dtype: Any = jnp.float32
-  conv_general_dilated: Callable | None = None
-
-  def conv(self, features, kernel, stride=1, groups=1, *, name):
-    return common.conv(features, kernel, stride, groups=groups, use_bias=self.norm == 'none',
-                       dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
-                       name=name)
 
   def bn(self, train, *, name, last=False):
     init = nn.initializers.zeros if last and self.zero_init_residual else nn.initializers.ones
-    return common.norm(self.norm, train=train, dtype=self.dtype, scale_init=init,
-                       axis_name=self.bn_axis_name, name=name)
+    return self.norm(train=train, scale_init=init, name=name)
 
   def shortcut(self, x, train):
     if x.shape[-1] == self.out and self.stride == 1:
@@ -74,7 +69,7 @@ class Bottleneck(_Block):
   def __call__(self, x, train: bool):
     y = nn.relu(self.bn(train, name='bn1')(self.conv(self.features, 1, name='conv1')(x)))
     y = nn.relu(self.bn(train, name='bn2')(
-        self.conv(self.features, 3, self.stride, self.groups, name='conv2')(y)))
+        self.conv(self.features, 3, self.stride, groups=self.groups, name='conv2')(y)))
     y = self.bn(train, name='bn3', last=True)(self.conv(self.out, 1, name='conv3')(y))
     return nn.relu(y + self.shortcut(x, train))
 
@@ -96,19 +91,14 @@ class _Stem(nn.Module):
   """conv1 7x7/2, bn1, relu, max pool 3/2 -- or, for CIFAR, a 3x3 stride-1 conv1 alone."""
   features: int
   cifar: bool
-  norm: str
-  bn_axis_name: str | None
-  dtype: Any
-  conv_general_dilated: Callable | None
+  conv: Callable
+  norm: Callable
 
   @nn.compact
   def __call__(self, x, train: bool):
     kernel, stride = (3, 1) if self.cifar else (7, 2)
-    x = common.conv(self.features, kernel, stride, use_bias=self.norm == 'none',
-                    dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
-                    name='conv1')(x)
-    x = nn.relu(common.norm(self.norm, train=train, dtype=self.dtype,
-                            axis_name=self.bn_axis_name, name='bn1')(x))
+    x = self.conv(self.features, kernel, stride, name='conv1')(x)
+    x = nn.relu(self.norm(train=train, name='bn1')(x))
     return x if self.cifar else common.max_pool(x, 3, 2, padding=1)
 
 
@@ -142,13 +132,16 @@ class ResNet(nn.Module):
                start: int = 0):
     if not start:
       common.check_input(x, self.min_size, 'ResNet')
-    shared = dict(norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                  conv_general_dilated=self.conv_general_dilated)
-    stages = [('stem', _Stem(common.scaled(64, self.width), self.cifar_stem, name='stem',
-                             **shared))]
+    conv = functools.partial(common.conv, use_bias=self.norm == 'none', dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
+    norm = functools.partial(common.norm, self.norm, dtype=self.dtype,
+                             axis_name=self.bn_axis_name)
+    stages = [('stem', _Stem(common.scaled(64, self.width), self.cifar_stem, conv, norm,
+                             name='stem'))]
     for i, n in enumerate(self.stage_sizes):
-      block = functools.partial(self.block_cls, **self._widths(64 * 2 ** i), groups=self.groups,
-                                zero_init_residual=self.zero_init_residual, **shared)
+      block = functools.partial(self.block_cls, **self._widths(64 * 2 ** i), conv=conv,
+                                norm=norm, groups=self.groups,
+                                zero_init_residual=self.zero_init_residual)
       name = f'stage{i + 1}'
       stages.append((name, _Stage(block, n, 1 if i == 0 else 2, name=name)))
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)

@@ -53,21 +53,24 @@ class VGG(nn.Module):
                start: int = 0):
     if not start:
       common.check_input(x, self.min_size, 'VGG')
+    conv = functools.partial(common.conv, dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
+    norm = functools.partial(common.norm, self.norm, dtype=self.dtype,
+                             axis_name=self.bn_axis_name)
+    dense = functools.partial(common.dense, dtype=self.dtype)
     stages = []
     for name, n, channels in zip(_STAGES, self.block_sizes, _CHANNELS, strict=True):
       layers = tuple((f'conv{j + 1}', common.scaled(channels, self.width), 3, 1, 1)
                      for j in range(n))
-      stages.append((name, common.ConvStack(
-          layers, pool=(2, 2), norm=self.norm, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-          conv_general_dilated=self.conv_general_dilated, name=name)))
+      stages.append((name, common.ConvStack(layers, conv, norm, pool=(2, 2), name=name)))
     hidden = common.scaled(512 if self.cifar_stem else 4096, self.width)
-    fc6 = common.DenseStage(hidden, 'fc6', dropout=self.dropout, dtype=self.dtype, name='stage5')
-    fc7 = common.DenseStage(hidden, 'fc7', dropout=self.dropout, dtype=self.dtype, name='stage6')
+    fc6 = common.DenseStage(hidden, 'fc6', dense, dropout=self.dropout, name='stage5')
+    fc7 = common.DenseStage(hidden, 'fc7', dense, dropout=self.dropout, name='stage6')
     grid = 1 if self.cifar_stem else 7
     stages.append(('stage5', lambda x, train: fc6(common.adaptive_avg_pool(x, grid), train)))
     stages.append(('stage6', fc7))
     x, feats = common.run_stages(stages, x, train=train, frozen=frozen, start=start)
-    logits = common.dense(self.num_classes, dtype=self.dtype, name=common.HEAD)(x)
+    logits = dense(self.num_classes, name=common.HEAD)(x)
     return common.finish(common.upcast(logits), feats, x, features)
 
 

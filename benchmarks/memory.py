@@ -2,10 +2,11 @@
 
 XLA:CPU allocates each executable's temporary buffer (hundreds of MiB for a CNN training step)
 with glibc malloc on every call. Blocks above glibc's mmap threshold (at most 32 MiB by default)
-are mmap-ed and unmapped again when freed, so every step touches fresh pages; on this project's
-2-core VM each 4 KiB page fault costs ~3 us, i.e. ~25 ms per 38 MiB buffer, often more than
-the arithmetic on it. Raising the mmap and trim thresholds (mallopt(3)) makes freed blocks stay
-in the heap and be reused. The cost: peak host memory is not returned to the OS.
+are mmap-ed and unmapped again when freed, so every step touches fresh pages, and on a small VM
+the page faults can cost more than the arithmetic on them. Raising the mmap and trim thresholds
+(mallopt(3)) makes freed blocks stay in the heap and be reused. The cost: peak host memory is not
+returned to the OS. The suites call it unless `--malloc=default`; its effect is measured in
+docs/performance.md ("The allocator setting").
 """
 
 import ctypes
