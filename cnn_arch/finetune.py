@@ -121,7 +121,7 @@ def _error(key: str, value, problem: str, fix: str) -> ValueError:
   return ValueError(f'Config value {key}={value!r} {problem}. Fix: {fix}.')
 
 
-def _names(key: str, value, names: Sequence[str], body: Sequence[str]) -> tuple[str, ...]:
+def _names(key: str, value, body: Sequence[str]) -> tuple[str, ...]:
   """Validated stage names, unique, in model order."""
   if isinstance(value, str):
     value = (value,)
@@ -147,7 +147,7 @@ def _frozen(key: str, spec, body: Sequence[str], train_head: bool) -> tuple[str,
   elif spec == ALL:
     frozen = ()
   else:
-    trained = _names(key, spec, body, body)
+    trained = _names(key, spec, body)
     frozen = tuple(s for s in body if s not in trained)
   return frozen + (() if train_head else (HEAD,))
 
