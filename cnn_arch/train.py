@@ -357,6 +357,9 @@ class _Loop:
   eval_steps: set
   eval_fn: Any = None  # the compiled eval step, once `run` has built it
 
+  def __post_init__(self):
+    self.lr = optim.schedule(self.config.optim, self.s.steps_per_epoch, self.s.total_steps)
+
   def evaluate(self, eval_fn, state, step: int | None = None) -> dict:
     t = time.perf_counter()
     metrics = evaluate(self.s, eval_fn, state, self.evaluation())
@@ -391,7 +394,7 @@ class _Loop:
       save = self.mngr is not None and (step % config.checkpoint.every_steps == 0 or last or stop)
       evaluate_now = step in self.eval_steps
       if step % config.train.log_every_steps == 0 or save or evaluate_now or last:
-        _log_train(s, reporter, pending, config)  # raises on a non-finite step, before a save
+        _log_train(reporter, pending, config, self.lr)  # raises on a non-finite step
         pending = []
       if evaluate_now:
         eval_metrics = self.evaluate(eval_fn, state, step)
@@ -419,7 +422,7 @@ def _enter_phase(s: Setup, state: TrainState, phase: int) -> TrainState:
   return state.replace(opt_state=optim.carry_over(state.opt_state, fresh))
 
 
-def _log_train(s: Setup, reporter, pending: list, config: ConfigDict):
+def _log_train(reporter, pending: list, config: ConfigDict, lr):
   """Averages the step metrics since the last log: one host sync per log, not per step."""
   values = host_value([m for _, m in pending])
   bad = [st for (st, _), v in zip(pending, values) if not v['finite']]
@@ -430,8 +433,7 @@ def _log_train(s: Setup, reporter, pending: list, config: ConfigDict):
         'train.on_nonfinite=skip.')
   mean = {k: float(np.mean([v[k] for v in values])) for k in ('loss', 'accuracy')}
   step = pending[-1][0]
-  lr = optim.schedule(config.optim, s.steps_per_epoch, s.total_steps)(step - 1)
-  reporter.write('train', step, {**mean, 'skipped': len(bad), 'lr': float(lr),
+  reporter.write('train', step, {**mean, 'skipped': len(bad), 'lr': float(lr(step - 1)),
                                  'images_per_sec': reporter.throughput(
                                      step, config.train.batch_size)})
 

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from cnn_arch import datasets, fractaldb, mnist
 from cnn_arch import input_pipeline as ip
+from tests.test_input_pipeline import _no_network
 
 # The split tables documented in cnn_arch/mnist.py and cnn_arch/fractaldb.py.
 MNIST_COUNTS = {
@@ -26,10 +27,6 @@ OPTDIGITS_COUNTS = {
 # Class distribution of optdigits.tra as listed in the UCI optdigits.names.
 UCI_TRA_COUNTS = [376, 389, 380, 389, 387, 376, 377, 387, 380, 382]
 SMALL_FRACTALS = 'fractaldb/c10_m60_s32'
-
-
-def _no_network(*args, **kwargs):
-  raise AssertionError(f'Network access attempted: {args}')
 
 
 def _cfg(data_dir, name, **overrides):
