@@ -231,13 +231,38 @@ def _split_range(spec: Spec, split: str) -> tuple[str, int, int]:
   return name, ins.from_ or 0, total if ins.to is None else ins.to
 
 
-@functools.lru_cache(maxsize=None)
+def _whole(spec: Spec) -> Spec:
+  """The spec of the whole dataset: what a view's selection is computed from."""
+  return dataclasses.replace(spec, classes=None, per_class=None, fraction=None, subset_seed=0)
+
+
 def _labels(spec: Spec, split: str) -> np.ndarray:
   """Labels of every example of `split`, in canonical order (one pass, images not decoded)."""
+  return _whole_labels(_whole(spec), split)
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_labels(spec: Spec, split: str) -> np.ndarray:
   name, start, stop = _split_range(spec, split)
   ds = _read(prepared_builder(spec), name, start, stop, _split_range(spec, name)[2])
   batches = ds.map(lambda e: e['label']).batch(8192).as_numpy_iterator()
   return np.concatenate(list(batches) or [np.zeros([0], np.int64)])
+
+
+@functools.lru_cache(maxsize=None)
+def _decoded(spec: Spec, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, H, W, C], labels) of a whole split of an embedded dataset, decoded once.
+
+  Embedded datasets are small (MNIST's 70,000 images are 55 MB decoded), and a sweep draws many
+  views of them: reading their records again for every view would cost more than training.
+  """
+  builder = prepared_builder(spec)
+  total = _split_range(spec, name)[2]
+  decode = builder.info.features['image'].decode_example
+  ds = _read(builder, name, 0, total, total).map(
+      lambda e: (decode(e['image']), e['label']), num_parallel_calls=tf.data.AUTOTUNE)
+  parts = list(ds.batch(8192).as_numpy_iterator())
+  return tuple(np.concatenate([p[i] for p in parts]) for i in (0, 1))
 
 
 ########## Views: which examples of a split belong to the configured view, and their new labels.
@@ -302,6 +327,15 @@ def host_examples(spec: Spec, split: str, train: bool, host: int, hosts: int) ->
   total = count(spec, split, train)
   lo, hi = host * total // hosts, (host + 1) * total // hosts
   mine = np.arange(lo, hi) if keep is None else keep[lo:hi]
+  remap = np.arange(num_classes(spec))
+  if spec.classes is not None:
+    remap = np.full_like(remap, -1)
+    remap[list(spec.classes)] = np.arange(len(spec.classes))
+  if _embedded(spec.name):
+    images, labels = _decoded(_whole(spec), name)
+    return tf.data.Dataset.from_tensor_slices({
+        'index': mine.astype(np.int64), 'image': images[start + mine],
+        'label': remap[labels[start + mine]].astype(np.int32)})
   first, last = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
   ds = _read(builder, name, start + first, start + last, _split_range(spec, name)[2])
   ds = ds.enumerate(first).map(lambda i, e: dict(e, index=i))
@@ -309,10 +343,6 @@ def host_examples(spec: Spec, split: str, train: bool, host: int, hosts: int) ->
     member = np.zeros(last - first, bool)
     member[mine - first] = True
     ds = ds.filter(lambda e: tf.gather(member, e['index'] - first))
-  remap = np.arange(num_classes(spec))
-  if spec.classes is not None:
-    remap = np.full_like(remap, -1)
-    remap[list(spec.classes)] = np.arange(len(spec.classes))
   decode = builder.info.features['image'].decode_example
   ds = ds.map(lambda e: {'index': e['index'], 'image': decode(e['image']),
                          'label': tf.gather(tf.constant(remap, tf.int32), e['label'])},

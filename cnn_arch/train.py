@@ -288,7 +288,7 @@ def fit(s: Setup, config: ConfigDict, state: TrainState, workdir: str, *,
   merged in) and returns the results. Checkpoints go to `mngr` (and the best evaluation to
   `best`) when given; `preemption` stops it at a step boundary. What many short runs in one
   process change: `programs(phase, start)` returns already compiled (train, eval) steps,
-  `evaluation()` the evaluation batches, `eval_steps` when to evaluate (default: every
+  `evaluation(split)` the evaluation batches of a split, `eval_steps` when to evaluate (default: every
   train.eval_every_epochs and at the end), `progress=False` hides the step bar.
   """
   t0 = time.perf_counter() if t0 is None else t0
@@ -304,14 +304,14 @@ def fit(s: Setup, config: ConfigDict, state: TrainState, workdir: str, *,
   if programs is None:
     programs = lambda phase, start: parallel_steps(s, config, start=start, phase=phase)
   if evaluation is None:
-    evaluation = lambda: input_pipeline.eval_batches(
-        config.data, global_batch_size=config.train.eval_batch_size)
+    evaluation = lambda split: input_pipeline.eval_batches(
+        config.data, global_batch_size=config.train.eval_batch_size, split=split)
   if eval_steps is None:
     every = max(1, int(config.train.eval_every_epochs * s.steps_per_epoch))
     eval_steps = set(range(every, s.total_steps + 1, every)) | {s.total_steps}
   loop = _Loop(s, config, reporter, preemption or _NoPreemption(), mngr, best, seconds,
                lambda phase: programs(phase, cached),
-               (lambda: cache.eval) if cache else evaluation, eval_steps)
+               (lambda: cache.eval) if cache else (lambda: evaluation(None)), eval_steps)
   state, eval_metrics = loop.run(state, feature_cache.train_batches(
       cache, config.data, seed=config.seed, start_step=start,
       global_batch_size=config.train.batch_size))
@@ -319,8 +319,7 @@ def fit(s: Setup, config: ConfigDict, state: TrainState, workdir: str, *,
   if test:  # the final number, on a split that chose nothing
     test_fn = programs(s.plan.phase_at(s.total_steps), 0)[1] if cached else loop.eval_fn
     t = time.perf_counter()
-    test_metrics = evaluate(s, test_fn, state, input_pipeline.eval_batches(
-        config.data, global_batch_size=config.train.eval_batch_size, split=test))
+    test_metrics = evaluate(s, test_fn, state, evaluation(test))
     seconds['eval'] += time.perf_counter() - t
     reporter.write('test', s.total_steps, test_metrics)
     eval_metrics = {**eval_metrics, **{f'test_{k}': v for k, v in test_metrics.items()}}

@@ -82,11 +82,17 @@ def programs(s, config: ConfigDict, phase: int = 0, start: int = 0):
   return _PROGRAMS[key]
 
 
-def eval_batches(data: ConfigDict, batch_size: int) -> list[dict]:
-  """The evaluation split of a data view as padded batches, read and decoded once."""
-  key = _key(data, batch_size)
+def eval_batches(data: ConfigDict, batch_size: int, split: str | None = None) -> list[dict]:
+  """A split of a data view as padded evaluation batches, read and decoded once per process.
+
+  The training-view keys (per_class, fraction, subset_seed) do not change evaluation splits, so
+  every seed and target size of one task shares them.
+  """
+  view = {k: v for k, v in data.items() if k not in ('per_class', 'fraction', 'subset_seed')}
+  key = _key(view, batch_size, split)
   if key not in _EVAL_DATA:
-    _EVAL_DATA[key] = list(input_pipeline.eval_batches(data, global_batch_size=batch_size))
+    _EVAL_DATA[key] = list(input_pipeline.eval_batches(data, global_batch_size=batch_size,
+                                                       split=split))
   return _EVAL_DATA[key]
 
 
@@ -136,7 +142,7 @@ def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | N
   return train.fit(
       s, config, init_state(s, config), workdir, t0=t0,
       programs=lambda phase, start: programs(s, config, phase, start),
-      evaluation=lambda: eval_batches(config.data, config.train.eval_batch_size),
+      evaluation=lambda split: eval_batches(config.data, config.train.eval_batch_size, split),
       eval_steps=eval_steps(s.total_steps, num_evals), progress=False, extra=extra)
 
 

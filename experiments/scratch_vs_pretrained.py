@@ -10,13 +10,14 @@ GroupNorm), except when the target data are few. Here both start from the same a
 train on the same target view for 1x, 2x, 4x, ... a base number of steps (cosine schedule each,
 so a 4x run is its own run, not the first quarter of a longer one), at several target sizes, with
 BatchNorm and with GroupNorm. Writes OUT/scratch_vs_pretrained/runs.jsonl (final accuracy per
-run) and curves.jsonl (accuracy at evenly spaced evaluations); `gaps`, `table`, `findings` and
-`plot` turn them into the report.
+run: validation and test top-1) and curves.jsonl (validation top-1 at evenly spaced
+evaluations); `gaps`, `table`, `findings` and `plot` turn them into the report, every
+difference paired over seeds (the seeds of both inits share target subset and data order).
 """
 
 import os
 
-from experiments import common
+from experiments import common, stats
 
 NAME = 'scratch_vs_pretrained'
 INITS = ('scratch', 'pretrained')
@@ -47,7 +48,8 @@ def run(cfg, out: str) -> tuple[list[dict], list[dict]]:
     workdir = os.path.join(out, NAME, 'runs', name)
     result = common.run(config, workdir, num_evals=evals)
     rows.append({**fields, 'num_train': result['num_train'], 'epochs': result['epochs'],
-                 'top1': result['top1'], 'seconds': result['wall_seconds']})
+                 'val_top1': result['top1'], 'top1': result['test_top1'],
+                 'seconds': result['wall_seconds']})
     curves += [{**fields, 'epoch': m['epoch'], 'top1': m['top1']}
                for m in common.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
                if m['split'] == 'eval']
@@ -57,21 +59,25 @@ def run(cfg, out: str) -> tuple[list[dict], list[dict]]:
 
 
 def gaps(rows: list[dict]) -> list[dict]:
-  """Per (norm, size, schedule): mean±std top-1 of both inits and the gap pretrained - scratch."""
+  """Per (norm, size, schedule): test top-1 of both inits over seeds and the paired gap
+  pretrained - scratch (`stats.Interval`s; `by_seed` keeps the per-seed gaps)."""
   groups = {}
   for r in rows:
     groups.setdefault((r['norm'], r['per_class'], r['schedule']), {}).setdefault(
-        r['init'], []).append(r)
+        r['init'], {})[r['seed']] = r
   out = []
   for (norm, per_class, schedule), by_init in sorted(groups.items()):
     if set(by_init) != set(INITS):
       continue
+    top1 = {init: {s: r['top1'] for s, r in by_init[init].items()} for init in INITS}
+    first = next(iter(by_init['scratch'].values()))
     entry = dict(norm=norm, per_class=per_class, schedule=schedule,
-                 num_train=by_init['scratch'][0]['num_train'],
-                 epochs=by_init['scratch'][0]['epochs'])
+                 num_train=first['num_train'], epochs=first['epochs'],
+                 gap=stats.paired_difference(top1['pretrained'], top1['scratch'],
+                                             labels=INITS[::-1]),
+                 by_seed={s: top1['pretrained'][s] - top1['scratch'][s] for s in top1['scratch']})
     for init in INITS:
-      entry[init], entry[init + '_std'] = common.mean_std([r['top1'] for r in by_init[init]])
-    entry['gap'] = entry['pretrained'] - entry['scratch']
+      entry[init] = stats.mean_interval(top1[init].values())
     out.append(entry)
   return out
 
@@ -81,22 +87,22 @@ def _size(per_class: int, num_train: int) -> str:
 
 
 def table(gap_rows: list[dict]) -> str:
-  """Markdown: one row per (norm, size, schedule) with both accuracies and the gap (points)."""
+  """Markdown: one row per (norm, size, schedule): test top-1 (%) of both inits, mean [95 % CI],
+  and the paired gap (points) with its interval."""
   lines = ['| norm | target size | schedule | epochs | scratch top-1 (%) | pretrained top-1 (%) '
-           '| gap (points) |', '|---|---|---|---|---|---|---|']
+           '| gap, pretrained - scratch (points) |', '|---|---|---|---|---|---|---|']
   for g in gap_rows:
     lines.append(f'| {g["norm"]} | {_size(g["per_class"], g["num_train"])} | {g["schedule"]}x | '
-                 f'{g["epochs"]:.1f} | {100 * g["scratch"]:.1f} ± {100 * g["scratch_std"]:.1f} | '
-                 f'{100 * g["pretrained"]:.1f} ± {100 * g["pretrained_std"]:.1f} | '
-                 f'{100 * g["gap"]:+.1f} |')
+                 f'{g["epochs"]:.1f} | {g["scratch"].format(1, 100)} | '
+                 f'{g["pretrained"].format(1, 100)} | {g["gap"].format(1, 100)} |')
   return '\n'.join(lines)
 
 
-def findings(gap_rows: list[dict], tolerance: float = 0.01) -> list[str]:
-  """One sentence per (norm, size) saying what the gaps show, computed from the numbers.
+def findings(gap_rows: list[dict]) -> list[str]:
+  """Per (norm, size): the paired gap at each schedule in words, then He et al.'s two claims.
 
-  Scratch "catches up" at the first schedule whose gap is at most `tolerance` (plus the larger
-  seed std, so noise is not read as a gap).
+  He et al. (2019): with few target examples pretraining still helps at the longest schedule
+  (gap > 0), and a longer schedule narrows the gap (gap at 1x minus gap at the longest > 0).
   """
   sentences = []
   settings = sorted({(g['norm'], g['per_class']) for g in gap_rows},
@@ -105,25 +111,25 @@ def findings(gap_rows: list[dict], tolerance: float = 0.01) -> list[str]:
     gs = sorted((g for g in gap_rows if (g['norm'], g['per_class']) == (norm, per_class)),
                 key=lambda g: g['schedule'])
     first, last = gs[0], gs[-1]
-    listed = ', '.join(f'{100 * g["gap"]:+.1f} at {g["schedule"]}x' for g in gs)
-    where = f'With {norm} norm and {_size(per_class, first["num_train"])} target examples'
-    caught = [g for g in gs if g['gap'] <= tolerance + max(g['scratch_std'], g['pretrained_std'])]
-    if caught and caught[0] is first:
-      verdict = 'scratch is already level with (or ahead of) pretraining at the shortest schedule'
-    elif caught:
-      verdict = f'scratch catches up with pretraining by {caught[0]["schedule"]}x'
-    elif last['gap'] < first['gap']:
-      share = 1 - last['gap'] / first['gap'] if first['gap'] > 0 else 0.0
-      verdict = (f'a longer schedule closes {100 * share:.0f}% of the gap but scratch does not '
-                 f'catch up within {last["schedule"]}x')
-    else:
-      verdict = f'the gap does not shrink with a longer schedule (up to {last["schedule"]}x)'
-    sentences.append(f'{where}, pretrained minus scratch top-1 is {listed} points: {verdict}.')
+    where = f'{norm} norm, {_size(per_class, first["num_train"])}'
+    parts = [stats.sentence(f'pretrained at {g["schedule"]}x', f'scratch at {g["schedule"]}x',
+                            g['gap']) for g in gs]
+    text = f'{where}: ' + '; '.join(parts) + '.'
+    helps = stats.claim('He et al. (small target)', stats.GREATER, last['gap'],
+                        f'pretraining still helps at the longest schedule ({last["schedule"]}x)')
+    text += ' ' + helps['sentence']
+    if last is not first:
+      narrows = stats.paired_difference(first['by_seed'], last['by_seed'])
+      text += ' ' + stats.claim(
+          'He et al. (schedule)', stats.GREATER, narrows,
+          f'the gap at {first["schedule"]}x is larger than at {last["schedule"]}x')['sentence']
+    sentences.append(text)
   return sentences
 
 
 def plot(curves: list[dict], path: str):
-  """Top-1 against epochs: one panel per (norm, size); colour = schedule, dashed = scratch."""
+  """Validation top-1 against epochs (mean over seeds): one panel per (norm, size); colour =
+  schedule, dashed = scratch."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -145,7 +151,7 @@ def plot(curves: list[dict], path: str):
       ax.set_title(f'{norm} norm, {per_class or "all"}' + ('/class' if per_class else ''))
       ax.set_xlabel('epochs')
       ax.grid(alpha=0.3)
-    axes[i][0].set_ylabel('target top-1 (%)')
+    axes[i][0].set_ylabel('validation top-1 (%)')
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

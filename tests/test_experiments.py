@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.special
+import scipy.stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,50 +66,104 @@ def test_knn_predict_matches_reference_vote():
   assert features_l2.knn_predict(np.array([[0, 1, 2, 3]]), np.array([2, 1, 1, 2]), 3) == [2]
 
 
-def test_linear_probe_separates_separable_features():
+def test_linear_probe_converges_to_the_regularised_optimum():
   rng = np.random.default_rng(2)
   y = rng.integers(0, 3, size=90)
   x = np.eye(3)[y] * 4 + rng.normal(scale=0.3, size=(90, 3))
-  assert features_l2.linear_probe(x, y, x, y, 3, steps=100, lr=0.1) == 1.0
+  top1, grad = features_l2.linear_probe(x, y, x, y, 3, l2=1e-3)
+  assert top1 == 1.0 and grad < 1e-5
+  # Overlapping classes: the optimum of the same objective found by plain gradient descent.
+  x = rng.normal(size=(90, 3)) + 0.5 * np.eye(3)[y]
+  top1, grad = features_l2.linear_probe(x, y, x, y, 3, l2=0.1)
+  xs = np.concatenate([(x - x.mean(0)) / (x.std(0) + 1e-6), np.ones((90, 1))], 1)
+  w = np.zeros((4, 3))
+  for _ in range(5000):
+    p = scipy.special.softmax(xs @ w, axis=1)
+    g = xs.T @ (p - np.eye(3)[y]) / 90
+    g[:-1] += 0.1 * w[:-1]
+    w -= 0.5 * g
+  assert grad < 1e-5 and top1 == np.mean(np.argmax(xs @ w, 1) == y)
 
 
-def _rows(per_class, depth, tops):
+def test_features_table_and_findings_pair_seeds():
+  rows = [dict(network=n, seed=s, knn_top1=k + 0.01 * s, probe_top1=p + 0.02 * (s % 2), dims=8,
+               k=5, num_train=500, num_test=100, probe_grad_norm=0.0)
+          for n, k, p in (('pretrained', 0.9, 0.95), ('random', 0.8, 0.95), ('pixels', 0.85, 0.9))
+          for s in range(3)]
+  results = {'rows': rows}
+  lines = features_l2.table(results).splitlines()
+  assert lines[2].startswith('| pretrained | 8 | 91.0 [88.5, 93.5] |') and lines[2].endswith('| 3 |')
+  found = features_l2.findings(results)
+  assert found[0].startswith('5-NN on pretrained features is 10.0 top-1 points above 5-NN on random')
+  assert found[1].startswith('The data cannot tell linear probe on pretrained features from '
+                             'linear probe on random')
+
+
+def _rows(per_class, depth, tops, vals=None):
+  vals = tops if vals is None else vals
   return [dict(per_class=per_class, depth=depth, seed=s, frozen='stem' if depth else '-',
-               num_train=5 * per_class, top1=t, seconds=1.0) for s, t in enumerate(tops)]
+               num_train=5 * per_class, top1=t, val_top1=v, seconds=1.0)
+          for s, (t, v) in enumerate(zip(tops, vals))]
 
 
 def test_freeze_summary_table_and_best_depth():
-  rows = (_rows(5, 0, [0.5, 0.7]) + _rows(5, 1, [0.8, 0.8]) + _rows(50, 0, [0.9, 0.95]) +
-          _rows(50, 1, [0.85, 0.85]))
+  rows = (_rows(5, 0, [0.5, 0.7], vals=[0.9, 0.9]) + _rows(5, 1, [0.8, 0.8], vals=[0.5, 0.5]) +
+          _rows(50, 0, [0.9, 0.95]) + _rows(50, 1, [0.85, 0.85]))
   summary = freeze_sweep.summarize(rows)
   assert [(r['per_class'], r['depth']) for r in summary] == [(5, 0), (5, 1), (50, 0), (50, 1)]
   assert summary[0]['mean'] == pytest.approx(0.6)
-  assert summary[0]['std'] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-  assert freeze_sweep.best_depths(summary) == {5: 1, 50: 0}
+  half = scipy.stats.t.ppf(0.975, 1) * np.std([0.5, 0.7], ddof=1) / math.sqrt(2)
+  assert summary[0]['interval'].high - 0.6 == pytest.approx(half)
+  # Validation selects: depth 0 at 5/class although its test mean is lower.
+  assert freeze_sweep.best_depths(summary) == {5: 0, 50: 0}
+  assert freeze_sweep.best_depths(summary, frozen_only=True) == {5: 1, 50: 1}
   lines = freeze_sweep.table(summary).splitlines()
   assert len(lines) == 2 + 2 + 1  # header, rule, two depths, best-depth row
-  assert lines[2].startswith('| 0 (-) | 60.0 ± 14.1 | **92.5 ± 3.5** |')
-  assert lines[-1] == '| best depth | 1 | 0 |'
+  assert lines[2].startswith(f'| 0 (-) | **60.0 [{60 - 100 * half:.1f}, {60 + 100 * half:.1f}]**')
+  assert lines[3].startswith('| 1 (stem) | 80.0 [80.0, 80.0] |')
+  assert lines[-1] == '| best depth (validation) | 0 | 0 |'
 
 
-def _gap_rows(gaps_by_schedule, std=0.0):
-  return [dict(norm='batch', per_class=20, schedule=s, num_train=100, epochs=s, scratch=0.5,
-               scratch_std=std, pretrained=0.5 + g, pretrained_std=std, gap=g)
-          for s, g in gaps_by_schedule]
+def test_freeze_findings_pair_seeds_and_state_the_rule():
+  # 5 seeds; at 5/class depth 1 is +10 points on every seed, at 50/class depth 0 is +5.
+  small = _rows(5, 0, [0.5, 0.6, 0.55, 0.52, 0.58]) + _rows(5, 1, [0.6, 0.7, 0.65, 0.62, 0.68])
+  large = (_rows(50, 0, [0.9, 0.91, 0.92, 0.93, 0.94]) +
+           _rows(50, 1, [0.85, 0.86, 0.87, 0.88, 0.89]))
+  sentences, rule = freeze_sweep.findings(freeze_sweep.summarize(small + large))
+  assert sentences[0].startswith('5/class (25): depth 1 is 10.0 top-1 points above depth 0')
+  assert 'Selected depth against full fine-tuning: depth 1 is 10.0' in sentences[0]
+  assert 'depth 1 is 5.0 top-1 points below depth 0' in sentences[1]
+  assert rule['status'] == 'holds'
+  # Noise at the large size: the rule can no longer be confirmed.
+  noisy = _rows(50, 0, [0.9, 0.8, 0.92, 0.83, 0.94]) + _rows(50, 1, [0.85, 0.86, 0.87, 0.88, 0.89])
+  sentences, rule = freeze_sweep.findings(freeze_sweep.summarize(small + noisy))
+  assert rule['status'] == 'cannot tell here' and 'cannot tell depth 1 from depth 0' in sentences[1]
+  # Full fine-tuning better at the small size: does not hold.
+  flipped = _rows(5, 0, [0.7, 0.8, 0.75, 0.72, 0.78]) + _rows(5, 1, [0.6, 0.7, 0.65, 0.62, 0.68])
+  assert freeze_sweep.findings(freeze_sweep.summarize(flipped + large))[1]['status'] == (
+      'does not hold')
+
+
+def _svp_rows(gaps_by_schedule, noise=0.0):
+  """Scratch at 0.5 (+ per-seed noise), pretrained at scratch + gap on each of 5 seeds."""
+  rows = []
+  for schedule, gap in gaps_by_schedule:
+    for seed in range(5):
+      base = 0.5 + noise * (seed - 2)
+      for init, top1 in (('scratch', base), ('pretrained', base + gap + noise * (seed % 2))):
+        rows.append(dict(norm='batch', per_class=20, schedule=schedule, init=init, seed=seed,
+                         num_train=100, epochs=float(schedule), top1=top1, val_top1=top1))
+  return rows
 
 
 def test_findings_are_computed_from_the_gaps():
-  (caught,) = svp.findings(_gap_rows([(1, 0.2), (2, 0.1), (4, 0.005)]))
-  assert 'catches up with pretraining by 4x' in caught and '+20.0 at 1x' in caught
-  (narrowed,) = svp.findings(_gap_rows([(1, 0.2), (4, 0.1)]))
-  assert 'closes 50% of the gap but scratch does not catch up within 4x' in narrowed
-  (level,) = svp.findings(_gap_rows([(1, -0.02), (4, 0.0)]))
-  assert 'already level' in level
-  (wider,) = svp.findings(_gap_rows([(1, 0.1), (4, 0.2)]))
-  assert 'does not shrink' in wider
-  # A gap within the seeds' spread counts as caught up.
-  (noisy,) = svp.findings(_gap_rows([(1, 0.2), (4, 0.03)], std=0.05))
-  assert 'already level' in noisy or 'catches up' in noisy
+  (text,) = svp.findings(svp.gaps(_svp_rows([(1, 0.2), (2, 0.1), (4, 0.05)])))
+  assert 'pretrained at 1x is 20.0 top-1 points above scratch at 1x' in text
+  assert 'He et al. (small target), "pretraining still helps at the longest schedule (4x)": holds' in text
+  assert '"the gap at 1x is larger than at 4x": holds' in text
+  (level,) = svp.findings(svp.gaps(_svp_rows([(1, 0.1), (4, 0.0)], noise=0.02)))
+  assert 'the data cannot tell pretrained at 4x from scratch at 4x' in level
+  assert '"pretraining still helps at the longest schedule (4x)": cannot tell here' in level
 
 
 def test_gaps_pair_inits_and_average_seeds():
@@ -115,13 +171,17 @@ def test_gaps_pair_inits_and_average_seeds():
                top1=t) for i, s, t in (('scratch', 0, 0.6), ('scratch', 1, 0.8),
                                        ('pretrained', 0, 0.9), ('pretrained', 1, 0.9))]
   (g,) = svp.gaps(rows)
-  assert g['scratch'] == pytest.approx(0.7) and g['gap'] == pytest.approx(0.2)
-  assert '| group | all (600) | 2x | 3.0 | 70.0 ± 14.1 | 90.0 ± 0.0 | +20.0 |' in svp.table([g])
+  assert g['scratch'].mean == pytest.approx(0.7) and g['gap'].mean == pytest.approx(0.2)
+  assert g['by_seed'] == pytest.approx({0: 0.3, 1: 0.1})
+  half = 100 * scipy.stats.t.ppf(0.975, 1) * np.std([0.3, 0.1], ddof=1) / math.sqrt(2)
+  assert (f'| group | all (600) | 2x | 3.0 | {g["scratch"].format(1, 100)} | 90.0 [90.0, 90.0] | '
+          f'20.0 [{20 - half:.1f}, {20 + half:.1f}] |') in svp.table([g])
 
 
 def _arch_row(model, macs, train, infer):
   return dict(family=model[:6], model=model, width=0.125, image_size=16, params=1e5, macs=macs,
-              train_img_s=train, infer_img_s=infer, top1=0.9, batch=32, backend='cpu')
+              train_img_s=train, infer_img_s=infer, top1=0.9, epochs=6.4,
+              val_curve=[0.8, 0.9, 0.95, 0.96], batch=32, backend='cpu')
 
 
 def test_resnext_finding_normalises_by_macs():
@@ -147,11 +207,9 @@ def test_report_renders_from_fake_result_files(tmp_path):
   for name in (freeze_sweep.NAME, svp.NAME, arch_compare.NAME):
     os.makedirs(os.path.join(out, name))
   common.write_jsonl(os.path.join(out, freeze_sweep.NAME, 'runs.jsonl'),
-                     _rows(5, 0, [0.5, 0.6]) + _rows(5, 1, [0.7, 0.8]) +
-                     _rows(50, 0, [0.9, 0.9]) + _rows(50, 1, [0.8, 0.7]))
-  runs = [dict(norm='batch', per_class=5, schedule=s, init=i, seed=0, num_train=25, epochs=s,
-               top1=t) for s, i, t in ((1, 'scratch', 0.4), (1, 'pretrained', 0.8),
-                                       (2, 'scratch', 0.795), (2, 'pretrained', 0.8))]
+                     _rows(5, 0, [0.5, 0.6, 0.55]) + _rows(5, 1, [0.7, 0.8, 0.76]) +
+                     _rows(50, 0, [0.9, 0.92, 0.91]) + _rows(50, 1, [0.8, 0.81, 0.82]))
+  runs = _svp_rows([(1, 0.4), (2, -0.004)], noise=0.01)
   common.write_jsonl(os.path.join(out, svp.NAME, 'runs.jsonl'), runs)
   common.write_jsonl(os.path.join(out, svp.NAME, 'curves.jsonl'),
                      [dict(r, epoch=e, top1=r['top1'] * e / r['schedule'])
@@ -161,9 +219,10 @@ def test_report_renders_from_fake_result_files(tmp_path):
                       _arch_row('resnext50_32x4d', 2e6, 40.0, 200.0)])
   text = open(report.render(out)).read()
   assert '## 1. Freeze-depth sweep' in text and '## 3.' not in text  # no features results
-  assert 'Best depth by target size: 25 examples: depth 1, 250 examples: depth 0' in text
-  assert 'falls as the target set grows' in text
-  assert 'scratch catches up with pretraining by 2x' in text
+  assert 'over 3 seeds' in text and '| best depth (validation) | 1 | 0 |' in text
+  assert 'The lecture\'s rule "small target: freeze more, large target: tune more": holds' in text
+  assert 'the data cannot tell pretrained at 2x from scratch at 2x' in text
+  assert '"the gap at 1x is larger than at 2x": holds' in text
   assert '2.50x the training time and 2.00x the inference time' in text
   for figure in ('freeze_sweep.png', 'scratch_vs_pretrained.png'):
     assert f'(figures/{figure})' in text
@@ -177,13 +236,13 @@ def tiny_config():
   for section in (c.source, c.target):
     section.model.options.width = 0.0625
     section.data.image_size = 8
-  c.source.train.num_epochs = 0.1  # 2 steps; with the target's lr: the sweep's program
+  c.source.data.per_class = 10  # 50 images: 2 steps; with the target's lr: the sweep's program
   c.source.optim.learning_rate = c.target.optim.learning_rate
   c.freeze.per_class, c.freeze.seeds, c.freeze.steps = (5,), (0, 1), 2
   c.freeze.depths = (0,)  # one program shared by every run (depths: test_freeze_summary...)
   c.scratch.per_class, c.scratch.norms, c.scratch.schedules = (5,), ('batch',), (1,)
-  c.scratch.steps_1x, c.scratch.num_evals = 2, 2  # same program as freeze depth 0
-  c.features.k, c.features.queries, c.features.probe_steps = 3, 2, 10
+  c.scratch.steps_1x, c.scratch.num_evals, c.scratch.seeds = 2, 2, (0,)  # freeze depth 0's program
+  c.features.k, c.features.queries, c.features.per_class, c.features.seeds = 3, 2, 5, (0, 1)
   c.arch.data = c.target.data  # same view, size and width as the sweep: shared programs
   c.arch.width, c.arch.image_size, c.arch.batch_size, c.arch.steps = 0.0625, 8, 25, 2
   c.arch.timed_steps = 1
@@ -203,15 +262,18 @@ def test_tiny_run_writes_every_result(tiny_run):
   out, path = tiny_run
   rows = common.read_jsonl(os.path.join(out, freeze_sweep.NAME, 'runs.jsonl'))
   assert sorted((r['depth'], r['seed']) for r in rows) == [(0, 0), (0, 1)]
-  assert all(0.0 <= r['top1'] <= 1.0 and r['num_train'] == 25 for r in rows)
+  assert all(0.0 <= r['top1'] <= 1.0 and 0.0 <= r['val_top1'] <= 1.0 and r['num_train'] == 25
+             for r in rows)
   assert {r['frozen'] for r in rows} == {'-'}
   curves = common.read_jsonl(os.path.join(out, svp.NAME, 'curves.jsonl'))
   assert sorted((c['init'], c['epoch']) for c in curves) == [
       ('pretrained', 1.0), ('pretrained', 2.0), ('scratch', 1.0), ('scratch', 2.0)]
-  feats = common.read_json(os.path.join(out, features_l2.NAME, 'results.json'))
-  assert set(feats) == {'pretrained', 'random'}
-  assert all(0 <= r['knn_top1'] <= 1 and 0 <= r['probe_top1'] <= 1 and r['dims'] == 32
-             for r in feats.values())
+  feats = common.read_json(os.path.join(out, features_l2.NAME, 'results.json'))['rows']
+  assert sorted((r['network'], r['seed']) for r in feats) == [
+      (n, s) for n in ('pixels', 'pretrained', 'random') for s in (0, 1)]
+  assert all(0 <= r['knn_top1'] <= 1 and 0 <= r['probe_top1'] <= 1 and r['num_train'] == 25
+             and r['probe_grad_norm'] < 1e-5 for r in feats)
+  assert {r['dims'] for r in feats if r['network'] != 'pixels'} == {32}
   (arch,) = common.read_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'))
   assert arch['params'] > 0 and arch['macs'] > 0 and arch['train_img_s'] > 0
   text = open(path).read()

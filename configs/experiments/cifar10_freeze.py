@@ -38,5 +38,4 @@ def get_config(arg=None):
   c.freeze.seeds = (0, 1, 2)
   c.freeze.steps = 1000
   c.features.queries = 8
-  c.features.probe_steps = 1000
   return c
