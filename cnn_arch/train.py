@@ -288,8 +288,8 @@ def fit(s: Setup, config: ConfigDict, state: TrainState, workdir: str, *,
   merged in) and returns the results. Checkpoints go to `mngr` (and the best evaluation to
   `best`) when given; `preemption` stops it at a step boundary. What many short runs in one
   process change: `programs(phase, start)` returns already compiled (train, eval) steps,
-  `evaluation(split)` the evaluation batches of a split, `eval_steps` when to evaluate (default: every
-  train.eval_every_epochs and at the end), `progress=False` hides the step bar.
+  `evaluation(split)` the evaluation batches of a split, `eval_steps` when to evaluate
+  (default: every train.eval_every_epochs and at the end), `progress=False` hides the step bar.
   """
   t0 = time.perf_counter() if t0 is None else t0
   start = int(host_value(state.step))

@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import ConfigDict
 
 from cnn_arch import input_pipeline, models, train
@@ -211,10 +210,9 @@ def stage_names(trainer_config: ConfigDict) -> tuple[str, ...]:
   return tuple(models.get_model(trainer_config.model.name, num_classes=2, **options).stage_names)
 
 
-def mean_std(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for a single value)."""
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def size_label(per_class: int, num_train: int) -> str:
+  """A target size as the tables write it: '20/class (100)', or 'all (27000)' for per_class 0."""
+  return f'{per_class}/class ({num_train})' if per_class else f'all ({num_train})'
 
 
 def progress(iterable, desc: str):

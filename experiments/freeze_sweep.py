@@ -76,10 +76,6 @@ def best_depths(summary: list[dict], frozen_only: bool = False) -> dict[int, int
   return {n: depth for n, (_, depth) in best.items()}
 
 
-def _size(per_class: int, num_train: int) -> str:
-  return f'{per_class}/class ({num_train})' if per_class else f'all ({num_train})'
-
-
 def _sizes(summary):
   return sorted({(r['per_class'] or 10**9, r['per_class'], r['num_train']) for r in summary})
 
@@ -92,7 +88,7 @@ def table(summary: list[dict]) -> str:
   cell = {(r['per_class'], r['depth']): r for r in summary}
   best = best_depths(summary)
   lines = ['| freeze depth (frozen stages) | ' +
-           ' | '.join(_size(n, m) for _, n, m in sizes) + ' |',
+           ' | '.join(common.size_label(n, m) for _, n, m in sizes) + ' |',
            '|---' * (len(sizes) + 1) + '|']
   for depth, frozen in depths:
     cells = []
@@ -128,7 +124,7 @@ def findings(summary: list[dict]) -> tuple[list[str], dict]:
     depths = sorted(d for (k, d) in cell if k == n)
     steps = [stats.sentence(f'depth {d}', f'depth {d - 1}', _diff(cell, n, d, d - 1))
              for d in depths[1:] if d - 1 in depths]
-    text = f'{_size(n, m)}: ' + '; '.join(steps)
+    text = f'{common.size_label(n, m)}: ' + '; '.join(steps)
     if best[n] != 0 and 0 in depths:
       text += ('. Selected depth against full fine-tuning: ' + stats.sentence(
           f'depth {best[n]}', 'depth 0', _diff(cell, n, best[n], 0)))
@@ -139,7 +135,7 @@ def findings(summary: list[dict]) -> tuple[list[str], dict]:
     a = stats.claim(f'At {small}/class', stats.GREATER,
                     _diff(cell, small, frozen_best[small], 0),
                     f'freezing (depth {frozen_best[small]}) beats tuning everything')
-    b = stats.claim(f'at {_size(large, sizes[-1][2])}', stats.GREATER,
+    b = stats.claim(f'at {common.size_label(large, sizes[-1][2])}', stats.GREATER,
                     _diff(cell, large, 0, frozen_best[large]),
                     f'tuning everything beats freezing (depth {frozen_best[large]})')
     statuses = {a['status'], b['status']}
@@ -162,7 +158,7 @@ def plot(summary: list[dict], path: str):
     rs = sorted((r for r in summary if r['per_class'] == n), key=lambda r: r['depth'])
     x = [r['depth'] for r in rs]
     line, = ax.plot(x, [100 * r['mean'] for r in rs], marker='o',
-                    label=_size(n, rs[0]['num_train']))
+                    label=common.size_label(n, rs[0]['num_train']))
     lo = [100 * max(r['interval'].low, 0.0) for r in rs]  # n = 1: an unbounded interval
     hi = [100 * min(r['interval'].high, 1.0) for r in rs]
     ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)

@@ -82,19 +82,16 @@ def gaps(rows: list[dict]) -> list[dict]:
   return out
 
 
-def _size(per_class: int, num_train: int) -> str:
-  return f'{per_class}/class ({num_train})' if per_class else f'all ({num_train})'
-
-
 def table(gap_rows: list[dict]) -> str:
   """Markdown: one row per (norm, size, schedule): test top-1 (%) of both inits, mean [95 % CI],
   and the paired gap (points) with its interval."""
   lines = ['| norm | target size | schedule | epochs | scratch top-1 (%) | pretrained top-1 (%) '
            '| gap, pretrained - scratch (points) |', '|---|---|---|---|---|---|---|']
   for g in gap_rows:
-    lines.append(f'| {g["norm"]} | {_size(g["per_class"], g["num_train"])} | {g["schedule"]}x | '
-                 f'{g["epochs"]:.1f} | {g["scratch"].format(1, 100)} | '
-                 f'{g["pretrained"].format(1, 100)} | {g["gap"].format(1, 100)} |')
+    size = common.size_label(g['per_class'], g['num_train'])
+    lines.append(f'| {g["norm"]} | {size} | {g["schedule"]}x | {g["epochs"]:.1f} | '
+                 f'{g["scratch"].format(1, 100)} | {g["pretrained"].format(1, 100)} | '
+                 f'{g["gap"].format(1, 100)} |')
   return '\n'.join(lines)
 
 
@@ -111,7 +108,7 @@ def findings(gap_rows: list[dict]) -> list[str]:
     gs = sorted((g for g in gap_rows if (g['norm'], g['per_class']) == (norm, per_class)),
                 key=lambda g: g['schedule'])
     first, last = gs[0], gs[-1]
-    where = f'{norm} norm, {_size(per_class, first["num_train"])}'
+    where = f'{norm} norm, {common.size_label(per_class, first["num_train"])}'
     parts = [stats.sentence(f'pretrained at {g["schedule"]}x', f'scratch at {g["schedule"]}x',
                             g['gap']) for g in gs]
     text = f'{where}: ' + '; '.join(parts) + '.'
