@@ -94,6 +94,9 @@ def base() -> ConfigDict:
   # ((2.0, ()), (8.0, 'all')). The lengths add up to train.num_epochs.
   c.finetune.phases = ()
   c.finetune.reinit_above = False  # Stages above the frozen prefix start random (Yosinski's AnB).
+  # Copy only the first copy_depth stages from init_from; the rest and the head start random
+  # (None: copy all, the head when its class count fits). Freezing none: Yosinski's AnB+.
+  c.finetune.copy_depth = placeholder(int)
   c.finetune.head_init_scale = 1.0  # A new head's kernel times this; 0: a zero head.
   # Run the frozen stages once over the data and train on their stored output (needs
   # data.augment=False): 'auto' when it fits in cache_max_mb of host memory, 'on' (else an
@@ -243,6 +246,7 @@ RULES = {
                             'a tuple of (epochs, stages) pairs',
                             hint="a tuple: --config.finetune.phases='((2.0, ()), (8.0, \"all\"))'"),
     'finetune.reinit_above': boolean(),
+    'finetune.copy_depth': integer(0, optional=True),
     'finetune.head_init_scale': real(0),
     'finetune.cache_features': choice(*CACHE_FEATURES),
     'finetune.cache_max_mb': real(0),

@@ -15,6 +15,10 @@ The methods, each a config key or two:
     `train_head=False`), freeze the rest: surgical fine-tuning, Lee et al. (ICLR 2023).
   * `reinit_above=True`: the stages above the frozen prefix start from a fresh initialisation
     instead of `init_from`, Yosinski et al.'s AnB (and BnB with the target's own base network).
+  * `copy_depth=k`: only the first k stages come from `init_from`, the rest and the head start
+    fresh, whatever is frozen: with `freeze_depth=0` Yosinski et al.'s AnB+; with k = every
+    stage before the head, the lecture's re-initialised last layer even when the class count
+    is unchanged.
   * `head_init_scale=s`: a freshly initialised head's kernel times s; 0 is the zero head of BiT
     (Kolesnikov et al., ECCV 2020) and big_vision.
   * `optim.layer_decay=d`: the i-th stage below the head learns at lr * d**i, the head at lr
@@ -211,11 +215,24 @@ def make_plan(config: ConfigDict, stage_names: Sequence[str], attached: dict | N
     phases.append(Phase(first, last, frozen))
     first = last + 1
   reinit = ()
-  if ft.reinit_above:
+  if ft.reinit_above and ft.copy_depth is not None:
+    raise ValueError(f'Config values finetune.reinit_above=True and finetune.copy_depth='
+                     f'{ft.copy_depth} both say which stages are copied. Fix: set one of them '
+                     '(reinit_above=False or copy_depth=None).')
+  if ft.reinit_above or ft.copy_depth is not None:
+    key, value = (('finetune.reinit_above', True) if ft.reinit_above else
+                  ('finetune.copy_depth', ft.copy_depth))
     if not ft.init_from:
-      raise _error('finetune.reinit_above', True, 'needs a network to copy the frozen stages '
-                   'from', 'set finetune.init_from, or reinit_above=False')
-    prefix = next((i for i, s in enumerate(body) if s not in phases[0].frozen), len(body))
+      raise _error(key, value, 'needs a network to copy stages from',
+                   f'set finetune.init_from, or {key.split(".")[1]}='
+                   f'{"False" if ft.reinit_above else "None"}')
+    if ft.reinit_above:
+      prefix = next((i for i, s in enumerate(body) if s not in phases[0].frozen), len(body))
+    elif ft.copy_depth > len(body):
+      raise _error(key, value, f'exceeds the {len(body)} stages before the head '
+                   f'({", ".join(body)})', f'use 0..{len(body)}')
+    else:
+      prefix = ft.copy_depth
     reinit = body[prefix:] + (HEAD,)
   decay, backbone = config.optim.layer_decay, config.optim.backbone_lr_mult
   lr_mult = {s: backbone * decay ** (len(body) - i) for i, s in enumerate(body)}

@@ -120,6 +120,26 @@ def test_reinit_above_copies_the_frozen_prefix_and_reinitialises_the_rest(pretra
   assert not leaves_equal(state.params['stage3'], loaded['params']['stage3'])
 
 
+def test_copy_depth_copies_a_prefix_and_trains_everything(pretrained):
+  """AnB+: the first 2 stages from the checkpoint, the rest fresh, nothing frozen."""
+  loaded, _ = checkpoint.load_pretrained(pretrained)
+  scratch = tiny_config()
+  fresh = train.init_state(make_setup(scratch), scratch)
+  c = tiny_config(finetune=dict(init_from=pretrained, copy_depth=2))
+  s = make_setup(c)
+  assert s.plan.reinit == ('stage2', 'stage3', 'stage4', 'head')
+  assert s.plan.phases[0].frozen == ()
+  state = train.init_state(s, c)
+  for key in s.stage_names:
+    source = loaded['params'] if key in ('stem', 'stage1') else fresh.params
+    assert leaves_equal(state.params[key], source[key]), key
+  with pytest.raises(ValueError, match=r'copy_depth=6 exceeds the 5 stages before the head '
+                     r'\(stem, stage1, stage2, stage3, stage4\).*use 0..5'):
+    make_setup(tiny_config(finetune=dict(init_from=pretrained, copy_depth=6)))
+  head_only = make_setup(tiny_config(finetune=dict(init_from=pretrained, copy_depth=5)))
+  assert head_only.plan.reinit == ('head',)
+
+
 LP_FT = dict(phases=((1.0, ()), (1.0, 'all')))  # 5 steps of linear probe, then 5 of everything
 
 
@@ -258,6 +278,10 @@ def test_ghost_batch_norm_trains_every_stage():
     (dict(finetune=dict(phases=((2.0,),))), r'is not an \(epochs, stages\) pair'),
     (dict(finetune=dict(phases=((1.0, 'most'), (1.0, 'all')))), r"names \['most'\]"),
     (dict(finetune=dict(reinit_above=True)), 'reinit_above=True needs a network'),
+    (dict(finetune=dict(copy_depth=2)), 'copy_depth=2 needs a network'),
+    (dict(finetune=dict(copy_depth=2, reinit_above=True, init_from='x')),
+     'both say which stages are copied'),
+    (dict(finetune=dict(copy_depth=-1)), 'finetune.copy_depth=-1 is out of range'),
     (dict(model=dict(bn_group_size=3)), r'bn_group_size=3 does not divide the 16 examples'),
     (dict(model=dict(bn_group_size=4, options=dict(norm='group', width=0.125, cifar_stem=True))),
      'bn_group_size=4 needs BatchNorm'),
