@@ -220,20 +220,18 @@ def make_plan(config: ConfigDict, stage_names: Sequence[str], attached: dict | N
                      f'{ft.copy_depth} both say which stages are copied. Fix: set one of them '
                      '(reinit_above=False or copy_depth=None).')
   if ft.reinit_above or ft.copy_depth is not None:
-    key, value = (('finetune.reinit_above', True) if ft.reinit_above else
-                  ('finetune.copy_depth', ft.copy_depth))
+    name, off = ('reinit_above', False) if ft.reinit_above else ('copy_depth', None)
     if not ft.init_from:
-      raise _error(key, value, 'needs a network to copy stages from',
-                   f'set finetune.init_from, or {key.split(".")[1]}='
-                   f'{"False" if ft.reinit_above else "None"}')
+      raise _error(f'finetune.{name}', ft[name], 'needs a network to copy stages from',
+                   f'set finetune.init_from, or {name}={off}')
     if ft.reinit_above:
-      prefix = next((i for i, s in enumerate(body) if s not in phases[0].frozen), len(body))
+      copied = next((i for i, s in enumerate(body) if s not in phases[0].frozen), len(body))
     elif ft.copy_depth > len(body):
-      raise _error(key, value, f'exceeds the {len(body)} stages before the head '
-                   f'({", ".join(body)})', f'use 0..{len(body)}')
+      raise _error('finetune.copy_depth', ft.copy_depth, f'exceeds the {len(body)} stages '
+                   f'before the head ({", ".join(body)})', f'use 0..{len(body)}')
     else:
-      prefix = ft.copy_depth
-    reinit = body[prefix:] + (HEAD,)
+      copied = ft.copy_depth
+    reinit = body[copied:] + (HEAD,)
   decay, backbone = config.optim.layer_decay, config.optim.backbone_lr_mult
   lr_mult = {s: backbone * decay ** (len(body) - i) for i, s in enumerate(body)}
   lr_mult[HEAD] = 1.0
