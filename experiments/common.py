@@ -176,7 +176,10 @@ def target_config(cfg: ConfigDict, *, per_class: int, seed: int, steps: int, dep
   """The target-task trainer config of one run; `per_class` 0 means the whole training set.
 
   The seed sets the head's initialisation, the data order and augmentation, and which
-  `per_class` examples are drawn (`data.subset_seed`).
+  `per_class` examples are drawn (`data.subset_seed`). With `init_from`, every body stage is
+  copied and the head starts fresh even when source and target have as many classes (the
+  lecture's "replace the last layer"): a source head maps the target's images to unrelated
+  labels.
   """
   c = ConfigDict(cfg.target.to_dict())
   c.seed = seed
@@ -186,6 +189,8 @@ def target_config(cfg: ConfigDict, *, per_class: int, seed: int, steps: int, dep
   c.finetune.init_from = init_from
   if norm:
     c.model.options.norm = norm
+  if init_from:
+    c.finetune.copy_depth = len(stage_names(c)) - 1
   return steps_for(c, steps)
 
 

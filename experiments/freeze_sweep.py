@@ -8,9 +8,10 @@ dependent". Following Yosinski et al. (2014, "How transferable are features in d
 networks?") the network is pretrained once on a source task (digits 0-4 by default) and
 fine-tuned on a target task (digits 5-9) with its first k stages frozen, for every k from 0
 (tune everything) to the largest (train the head alone), at several target sizes
-(N examples per class) and seeds. Source and target both have 5 classes, so the head starts
-from the source's (`finetune.copy_depth` would re-initialise it). The best depth per size is
-chosen on the validation split; the test split gives every reported number. Writes
+(N examples per class) and seeds. The head starts fresh at every depth (`common.target_config`
+copies the body alone), so the deepest trains a new linear head on frozen features. The best
+depth per size is chosen on the validation split; the test split gives every reported number.
+Writes
 OUT/freeze_sweep/runs.jsonl (one line per run, `val_top1` and test `top1`); `summarize`,
 `table`, `findings` and `plot` turn it into the report's table, sentences (paired over seeds,
 `experiments.stats`) and figure.

@@ -3,14 +3,14 @@
     python -m experiments.report --out=results/
 
 Everything in the report is computed here from the JSON-lines files the experiments wrote
-(freeze_sweep/runs.jsonl, scratch_vs_pretrained/{runs,curves}.jsonl, features_l2/results.json,
-arch_compare/rows.jsonl), so re-rendering needs no training; sections whose files are missing
+(freeze_sweep/runs.jsonl, transfer_arms/runs.jsonl, scratch_vs_pretrained/{runs,curves}.jsonl,
+features_l2/results.json, arch_compare/rows.jsonl), so re-rendering needs no training; sections whose files are missing
 are left out. Figures are PNGs (matplotlib, Agg backend) in OUT/figures/.
 """
 
 import os
 
-from experiments import arch_compare, common, features_l2, freeze_sweep
+from experiments import arch_compare, common, features_l2, freeze_sweep, transfer_arms
 from experiments import scratch_vs_pretrained as svp
 
 
@@ -29,6 +29,22 @@ def _freeze(out: str, figures: str) -> list[str]:
           ['![accuracy against freeze depth](figures/freeze_sweep.png)', ''])
 
 
+def _transfer(out: str, figures: str) -> list[str]:
+  rows = common.read_jsonl(os.path.join(out, transfer_arms.NAME, 'runs.jsonl'))
+  cells = transfer_arms.summarize(rows)
+  transfer_arms.plot(cells, os.path.join(figures, 'transfer_arms.png'))
+  sentences, claims = transfer_arms.findings(cells)
+  base = cells[('base B', 0)]
+  return (['## 2. Transfer arms (Yosinski et al. 2014)', '',
+           f'Target test top-1 (%, mean [95 % CI] over {base["interval"].n} seeds) at '
+           f'{common.size_label(rows[0]["per_class"], base["num_train"])}. k stages copied from '
+           'base B (BnB, frozen), from the source network (AnB, frozen) or from the source and '
+           'fine-tuned (AnB+); the stages above k and the head start fresh. Differences are '
+           'paired over seeds.', '', transfer_arms.table(cells), ''] +
+          [f'- {s}' for s in sentences] + [''] + [f'- {c["sentence"]}' for c in claims] +
+          ['', '![accuracy against copied depth](figures/transfer_arms.png)', ''])
+
+
 def _scratch(out: str, figures: str) -> list[str]:
   base = os.path.join(out, svp.NAME)
   rows = common.read_jsonl(os.path.join(base, 'runs.jsonl'))
@@ -36,7 +52,7 @@ def _scratch(out: str, figures: str) -> list[str]:
            os.path.join(figures, 'scratch_vs_pretrained.png'))
   gaps = svp.gaps(rows)
   seeds = max(g['gap'].n for g in gaps) if gaps else 0
-  return (['## 2. Pretraining vs training from scratch', '',
+  return (['## 3. Pretraining vs training from scratch', '',
            f'Test top-1 (%, mean [95 % CI] over {seeds} seeds); the gap is paired over seeds.',
            '', svp.table(gaps), ''] + [f'- {s}' for s in svp.findings(gaps)] +
           ['', '![accuracy against epochs](figures/scratch_vs_pretrained.png)', ''])
@@ -46,7 +62,7 @@ def _features(out: str, figures: str) -> list[str]:
   base = os.path.join(out, features_l2.NAME)
   results = common.read_json(os.path.join(base, 'results.json'))
   grid = os.path.join(base, 'knn_grid.png')
-  lines = ['## 3. Features in L2 space', '', features_l2.table(results), ''] + [
+  lines = ['## 4. Features in L2 space', '', features_l2.table(results), ''] + [
       f'- {s}' for s in features_l2.findings(results)] + ['']
   if os.path.exists(grid):
     _copy(grid, os.path.join(figures, 'knn_grid.png'))
@@ -57,7 +73,7 @@ def _features(out: str, figures: str) -> list[str]:
 def _arch(out: str, figures: str) -> list[str]:
   del figures
   rows = common.read_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'))
-  return ['## 4. Architecture comparison', '',
+  return ['## 5. Architecture comparison', '',
           'Every family trained from scratch on MNIST (10 classes, 200 training images each) '
           'with the same schedule; reduced widths and small inputs so that every family trains '
           'within the CPU budget. Images/s are medians of timed train/eval steps on this '
@@ -70,7 +86,8 @@ def _copy(src: str, dst: str):
     g.write(f.read())
 
 
-SECTIONS = ((freeze_sweep.NAME, 'runs.jsonl', _freeze), (svp.NAME, 'runs.jsonl', _scratch),
+SECTIONS = ((freeze_sweep.NAME, 'runs.jsonl', _freeze),
+            (transfer_arms.NAME, 'runs.jsonl', _transfer), (svp.NAME, 'runs.jsonl', _scratch),
             (features_l2.NAME, 'results.json', _features),
             (arch_compare.NAME, 'rows.jsonl', _arch))
 

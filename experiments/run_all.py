@@ -1,9 +1,9 @@
-"""All four experiments and the report, in one resumable command.
+"""All five experiments and the report, in one resumable command.
 
     python -m experiments.run_all --out=results/ [--config=configs/experiments/digits.py]
 
-Runs the freeze-depth sweep, scratch vs pretrained, features in L2 space and the architecture
-comparison, then renders OUT/report.md. Finished runs (a directory holding results.json) are not
+Runs the freeze-depth sweep, Yosinski et al.'s transfer arms, scratch vs pretrained, features in
+L2 space and the architecture comparison, then renders OUT/report.md. Finished runs (a directory holding results.json) are not
 redone, so after an interruption the same command continues; compiled programs persist in
 OUT/jax_cache. `--only=freeze_sweep,features_l2` runs a subset (the report covers what exists).
 """
@@ -12,10 +12,11 @@ import os
 import time
 
 from experiments import arch_compare, common, features_l2, freeze_sweep, report
-from experiments import scratch_vs_pretrained
+from experiments import scratch_vs_pretrained, transfer_arms
 
 EXPERIMENTS = {
     freeze_sweep.NAME: freeze_sweep.run,
+    transfer_arms.NAME: transfer_arms.run,
     scratch_vs_pretrained.NAME: scratch_vs_pretrained.run,
     features_l2.NAME: features_l2.run,
     arch_compare.NAME: arch_compare.run,

@@ -13,9 +13,11 @@ import scipy.stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cnn_arch import finetune  # pylint: disable=g-import-not-at-top
 from configs.experiments import digits  # pylint: disable=g-import-not-at-top
 from experiments import arch_compare, common, features_l2, freeze_sweep, report, run_all
 from experiments import scratch_vs_pretrained as svp
+from experiments import transfer_arms
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -178,6 +180,54 @@ def test_gaps_pair_inits_and_average_seeds():
           f'20.0 [{20 - half:.1f}, {20 + half:.1f}] |') in svp.table([g])
 
 
+def test_transfer_arms_copy_freeze_and_reinitialise_the_right_stages():
+  cfg = digits.get_config()
+  names = common.stage_names(cfg.target)  # stem, stage1..stage4, head
+  expected = {  # arm: (init_from, frozen stages, re-initialised stages) at k = 2
+      'base B': ('', (), ()),
+      'BnB': ('B', names[:2], names[2:]),
+      'AnB': ('A', names[:2], names[2:]),
+      'AnB+': ('A', (), names[2:]),
+  }
+  for arm, (init_from, frozen, reinit) in expected.items():
+    config = transfer_arms.arm_config(cfg, arm, 2, seed=3, source='A', base_b='B')
+    assert config.finetune.init_from == init_from and config.seed == 3
+    assert config.data.per_class == cfg.transfer.per_class and config.data.subset_seed == 3
+    plan = finetune.make_plan(config, names, None, steps_per_epoch=4, total_steps=4)
+    assert plan.phases[0].frozen == frozen and plan.reinit == reinit, arm
+
+
+def _transfer_rows(base, arms, noise=0.0):
+  """5 seeds; `arms` maps (arm, depth) -> mean top-1; seed s adds noise * (s - 2) to an arm."""
+  rows = [dict(arm='base B', depth=0, seed=s, per_class=100, num_train=500, val_top1=base,
+               top1=base) for s in range(5)]
+  for (arm, depth), top1 in arms.items():
+    rows += [dict(arm=arm, depth=depth, seed=s, per_class=100, num_train=500,
+                  val_top1=top1, top1=top1 + noise * (s - 2)) for s in range(5)]
+  return rows
+
+
+def test_transfer_findings_state_yosinskis_claims():
+  arms = {('BnB', 1): 0.9, ('BnB', 2): 0.85, ('BnB', 3): 0.86, ('BnB', 4): 0.9,
+          ('AnB', 1): 0.9, ('AnB', 2): 0.88, ('AnB', 3): 0.84, ('AnB', 4): 0.8,
+          ('AnB+', 1): 0.92, ('AnB+', 2): 0.93, ('AnB+', 3): 0.92, ('AnB+', 4): 0.91}
+  cells = transfer_arms.summarize(_transfer_rows(0.9, arms))
+  sentences, claims = transfer_arms.findings(cells)
+  assert sentences[1].startswith('k = 2: BnB is 5.0 top-1 points below base B')
+  assert [c['status'] for c in claims] == ['holds'] * 3
+  assert 'middle depths (k = 2..3, averaged)' in claims[0]['sentence']
+  assert claims[1]['mean'] == pytest.approx(-0.1)  # AnB - BnB at k = 4
+  assert claims[2]['mean'] == pytest.approx(0.02)
+  lines = transfer_arms.table(cells).splitlines()
+  assert lines[0] == '| copied stages k | base B | BnB | AnB | AnB+ |'
+  assert lines[3] == ('| 2 | 90.0 [90.0, 90.0] | 85.0 [85.0, 85.0] | 88.0 [88.0, 88.0] | '
+                      '93.0 [93.0, 93.0] |')
+  # Seed noise shared by the arms but not by base B swamps the gains over base B; AnB - BnB
+  # stays exact.
+  noisy = transfer_arms.findings(transfer_arms.summarize(_transfer_rows(0.9, arms, 0.05)))[1]
+  assert [c['status'] for c in noisy] == ['cannot tell here', 'holds', 'cannot tell here']
+
+
 def _arch_row(model, macs, train, infer):
   return dict(family=model[:6], model=model, width=0.125, image_size=16, params=1e5, macs=macs,
               train_img_s=train, infer_img_s=infer, top1=0.9, epochs=6.4,
@@ -218,7 +268,8 @@ def test_report_renders_from_fake_result_files(tmp_path):
                      [_arch_row('resnet50', 2e6, 100.0, 400.0),
                       _arch_row('resnext50_32x4d', 2e6, 40.0, 200.0)])
   text = open(report.render(out)).read()
-  assert '## 1. Freeze-depth sweep' in text and '## 3.' not in text  # no features results
+  assert '## 1. Freeze-depth sweep' in text and '## 3. Pretraining' in text
+  assert '## 2.' not in text and '## 4.' not in text  # no transfer arms, no features results
   assert 'over 3 seeds' in text and '| best depth (validation) | 1 | 0 |' in text
   assert 'The lecture\'s rule "small target: freeze more, large target: tune more": holds' in text
   assert 'the data cannot tell pretrained at 2x from scratch at 2x' in text
@@ -240,6 +291,7 @@ def tiny_config():
   c.source.optim.learning_rate = c.target.optim.learning_rate
   c.freeze.per_class, c.freeze.seeds, c.freeze.steps = (5,), (0, 1), 2
   c.freeze.depths = (0,)  # one program shared by every run (depths: test_freeze_summary...)
+  c.transfer.per_class, c.transfer.depths, c.transfer.seeds, c.transfer.steps = 5, (1,), (0, 1), 2
   c.scratch.per_class, c.scratch.norms, c.scratch.schedules = (5,), ('batch',), (1,)
   c.scratch.steps_1x, c.scratch.num_evals, c.scratch.seeds = 2, 2, (0,)  # freeze depth 0's program
   c.features.k, c.features.queries, c.features.per_class, c.features.seeds = 3, 2, 5, (0, 1)
@@ -265,6 +317,10 @@ def test_tiny_run_writes_every_result(tiny_run):
   assert all(0.0 <= r['top1'] <= 1.0 and 0.0 <= r['val_top1'] <= 1.0 and r['num_train'] == 25
              for r in rows)
   assert {r['frozen'] for r in rows} == {'-'}
+  arms = common.read_jsonl(os.path.join(out, transfer_arms.NAME, 'runs.jsonl'))
+  assert sorted((r['arm'], r['depth'], r['seed']) for r in arms) == [
+      (a, d, s) for a, d in (('AnB', 1), ('AnB+', 1), ('BnB', 1), ('base B', 0)) for s in (0, 1)]
+  assert all(0.0 <= r['top1'] <= 1.0 and r['num_train'] == 25 for r in arms)
   curves = common.read_jsonl(os.path.join(out, svp.NAME, 'curves.jsonl'))
   assert sorted((c['init'], c['epoch']) for c in curves) == [
       ('pretrained', 1.0), ('pretrained', 2.0), ('scratch', 1.0), ('scratch', 2.0)]
@@ -277,9 +333,10 @@ def test_tiny_run_writes_every_result(tiny_run):
   (arch,) = common.read_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'))
   assert arch['params'] > 0 and arch['macs'] > 0 and arch['train_img_s'] > 0
   text = open(path).read()
-  for section in ('## 1.', '## 2.', '## 3.', '## 4.'):
+  for section in ('## 1.', '## 2.', '## 3.', '## 4.', '## 5.'):
     assert section in text
-  for figure in ('freeze_sweep.png', 'scratch_vs_pretrained.png', 'knn_grid.png'):
+  for figure in ('freeze_sweep.png', 'transfer_arms.png', 'scratch_vs_pretrained.png',
+                 'knn_grid.png'):
     with open(os.path.join(out, 'figures', figure), 'rb') as f:
       assert f.read(8) == PNG
 

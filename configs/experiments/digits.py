@@ -1,6 +1,6 @@
 """The experiments on real MNIST (embedded, offline), sized for a 2-core CPU.
 
-    python -m experiments.run_all --out=results/     # all four, then report.md
+    python -m experiments.run_all --out=results/     # all five, then report.md
 
 Transfer follows the class split of Yosinski et al. (2014): an eighth-width ResNet-18 (CIFAR
 stem, 16x16 inputs) is pretrained on MNIST digits 0-4 (source, ~27,500 training images) and
@@ -59,7 +59,13 @@ def get_config(arg=None):
   c.scratch.schedules = (1, 2, 4)  # multiples of steps_1x (He et al. 2019: 1x, 2x, ...)
   c.scratch.steps_1x = 50
   c.scratch.seeds = (0, 1, 2, 3, 4)
-  c.scratch.num_evals = 2  # per 1x: a 4x run evaluates 8 times
+  c.scratch.num_evals = 1  # per 1x: a 4x run evaluates 4 times
+
+  c.transfer = config.ConfigDict()  # Yosinski et al.'s base B / BnB / AnB / AnB+
+  c.transfer.per_class = 100
+  c.transfer.depths = (1, 2, 3, 4)  # stages copied (of the five before the head)
+  c.transfer.seeds = (0, 1, 2, 3, 4)
+  c.transfer.steps = 100
 
   c.features = config.ConfigDict()
   c.features.seeds = (0, 1, 2, 3, 4)  # each draws its own labelled keys (data.subset_seed)
