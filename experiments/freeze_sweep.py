@@ -11,8 +11,7 @@ fine-tuned on a target task (digits 5-9) with its first k stages frozen, for eve
 (N examples per class) and seeds. The head starts fresh at every depth (`common.target_config`
 copies the body alone), so the deepest trains a new linear head on frozen features. The best
 depth per size is chosen on the validation split; the test split gives every reported number.
-Writes
-OUT/freeze_sweep/runs.jsonl (one line per run, `val_top1` and test `top1`); `summarize`,
+Writes OUT/freeze_sweep/runs.jsonl (one line per run, `val_top1` and test `top1`); `summarize`,
 `table`, `findings` and `plot` turn it into the report's table, sentences (paired over seeds,
 `experiments.stats`) and figure.
 """

@@ -4,8 +4,8 @@
 
 Everything in the report is computed here from the JSON-lines files the experiments wrote
 (freeze_sweep/runs.jsonl, transfer_arms/runs.jsonl, scratch_vs_pretrained/{runs,curves}.jsonl,
-features_l2/results.json, arch_compare/rows.jsonl), so re-rendering needs no training; sections whose files are missing
-are left out. Figures are PNGs (matplotlib, Agg backend) in OUT/figures/.
+features_l2/results.json, arch_compare/rows.jsonl), so re-rendering needs no training; sections
+whose files are missing are left out. Figures are PNGs (matplotlib, Agg backend) in OUT/figures/.
 """
 
 import os

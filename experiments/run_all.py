@@ -3,9 +3,10 @@
     python -m experiments.run_all --out=results/ [--config=configs/experiments/digits.py]
 
 Runs the freeze-depth sweep, Yosinski et al.'s transfer arms, scratch vs pretrained, features in
-L2 space and the architecture comparison, then renders OUT/report.md. Finished runs (a directory holding results.json) are not
-redone, so after an interruption the same command continues; compiled programs persist in
-OUT/jax_cache. `--only=freeze_sweep,features_l2` runs a subset (the report covers what exists).
+L2 space and the architecture comparison, then renders OUT/report.md. Finished runs (a
+directory holding results.json) are not redone, so after an interruption the same command
+continues; compiled programs persist in OUT/jax_cache. `--only=freeze_sweep,features_l2` runs
+a subset (the report covers what exists).
 """
 
 import os

@@ -114,7 +114,7 @@ def findings(cells: dict) -> tuple[list[str], list[dict]]:
   depths = _depths(cells)
   base = ('base B', 0)
   sentences = [f'k = {d}: ' + '; '.join(
-      stats.sentence(f'{arm}', 'base B', _diff(cells, (arm, d), base))
+      stats.sentence(arm, 'base B', _diff(cells, (arm, d), base))
       for arm in ARMS if (arm, d) in cells) + '.' for d in depths]
   interior = depths[1:-1] or depths
   span = f'k = {interior[0]}..{interior[-1]}' if len(interior) > 1 else f'k = {interior[0]}'
