@@ -10,6 +10,7 @@ it, in canonical order, so an example's index is the same whichever host or view
 
 import dataclasses
 import difflib
+import fcntl
 import functools
 import os
 import socket
@@ -163,8 +164,15 @@ def prepared_builder(spec: Spec) -> tfds.core.DatasetBuilder:
   if builder.is_prepared():
     return builder
   if _embedded(spec.name):  # No GCS lookup, nothing to download; the builder's errors say the fix.
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=spec.manual_dir, try_download_gcs=False))
+    # One process prepares, the others (pytest workers, hosts on a shared disk) wait for it:
+    # tfds's final rename fails in every process but the first.
+    os.makedirs(os.path.dirname(builder.data_dir), exist_ok=True)
+    with open(builder.data_dir + '.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = tfds.builder(spec.name, data_dir=spec.data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=spec.manual_dir, try_download_gcs=False))
     return builder
   if not spec.download:
     raise ValueError(_download_help(builder, spec, RuntimeError('data.download is False')))

@@ -141,10 +141,11 @@ def _state(s: Setup, variables: dict, rng, phase: int = 0) -> TrainState:
                     opt_state=s.optimizers[phase].init(params), rng=rng)
 
 
-def init_state(s: Setup, config: ConfigDict, init=None) -> TrainState:
+def init_state(s: Setup, config: ConfigDict, init=None, pretrained=None) -> TrainState:
   """Fresh (or `init_from`-loaded) variables, and optimizer state for the trainable leaves.
 
-  `init(rng)` gives the fresh variables (default: `models.init_variables`)."""
+  `init(rng)` gives the fresh variables (default: `models.init_variables`); `pretrained`, the
+  `checkpoint.load_pretrained` result of `init_from` when the caller has already read it."""
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   if init is None:
     init = lambda rng: models.init_variables(s.model, s.image_size, rng)
@@ -154,7 +155,7 @@ def init_state(s: Setup, config: ConfigDict, init=None) -> TrainState:
   head = dict(head, kernel=head['kernel'] * s.plan.head_init_scale)
   variables = {**variables, 'params': {**variables['params'], models.common.HEAD: head}}
   if config.finetune.init_from:
-    variables = load_init_from(s, config.finetune.init_from, variables)
+    variables = load_init_from(s, config.finetune.init_from, variables, pretrained)
   return _state(s, variables, state_rng)
 
 

@@ -5,6 +5,7 @@ with a message naming the problem and the fix.
 """
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -76,6 +77,16 @@ def check_bn_groups(config: ConfigDict, has_batch_norm: bool):
                      f'each of {jax.device_count()} devices. Fix: use a divisor of {per_device}.')
 
 
+@functools.lru_cache(maxsize=64)
+def variable_shapes(model, image_size: int, x64: bool) -> dict:
+  """The model's variables as shapes, traced once per (model, input size, precision mode): a
+  sweep of many short runs would otherwise trace `model.init` for each (0.4 s for a ResNet-18)."""
+  del x64  # part of the cache key: it changes the traced dtypes
+  return jax.eval_shape(
+      lambda: model.init({'params': jax.random.PRNGKey(0)},
+                         jnp.zeros((1, image_size, image_size, 3)), train=False))
+
+
 def make_setup(config: ConfigDict) -> Setup:
   """Validates `config` against the model and data, and builds the static pieces of a run."""
   validate(config)
@@ -95,9 +106,7 @@ def make_setup(config: ConfigDict) -> Setup:
                      f'{info.num_train} training examples; lower it.')
   total_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
   image_size = info.image_size
-  shapes = jax.eval_shape(
-      lambda: model.init({'params': jax.random.PRNGKey(0)},
-                         jnp.zeros((1, image_size, image_size, 3)), train=False))
+  shapes = variable_shapes(model, image_size, jax.config.jax_enable_x64)
   check_bn_groups(config, 'batch_stats' in shapes)
   plan = finetune.make_plan(config, stage_names, getattr(model, 'attached_heads', None),
                             steps_per_epoch, total_steps)
@@ -119,14 +128,14 @@ def _plain(options: dict) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def load_init_from(s: Setup, path: str, fresh: dict) -> dict:
+def load_init_from(s: Setup, path: str, fresh: dict, loaded: tuple | None = None) -> dict:
   """`fresh` variables with every stage replaced by the checkpoint's, except a resized head and
   the stages the plan re-initialises (`finetune.reinit_above`).
 
   The lecture's recipe: keep the pretrained backbone, "remove and replace [the last layer] with
   another randomly initialized layer" when the number of classes changes.
   """
-  loaded, meta = checkpoint.load_pretrained(path)
+  loaded, meta = loaded or checkpoint.load_pretrained(path)
   name = s.model_meta['model']
   if meta.get('model') != name:
     raise ValueError(f'finetune.init_from={path} holds a {meta.get("model")!r} network but '

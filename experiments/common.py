@@ -4,7 +4,8 @@ Each run goes through the trainer's own loop, `train.fit` (same model, fine-tuni
 optimizer, input pipeline, checks and seeds as `cnn_arch.main`), without what a sweep of dozens
 of tiny runs cannot afford: orbax checkpoints every run, and recompiling the step for every run.
 Compiled steps are kept per program shape (`_PROGRAMS`) and, across processes, in JAX's
-persistent compilation cache; evaluation images are decoded once per data view. A run is one
+persistent compilation cache; evaluation images are decoded once per data view and each
+`init_from` checkpoint is restored once. A run is one
 directory holding `results.json` (written last, atomically) and `metrics.jsonl`; a directory
 that already holds `results.json` is not run again, so an interrupted sweep resumes where it
 stopped. Source-task pretraining, whose checkpoint the
@@ -21,12 +22,13 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from cnn_arch import input_pipeline, models, train
+from cnn_arch import checkpoint, input_pipeline, models, train
 from cnn_arch.train_setup import make_setup
 
 _PROGRAMS = {}  # program key -> (jitted train step, jitted eval step)
 _EVAL_DATA = {}  # data view key -> list of padded eval batches (numpy)
 _INIT_FNS = {}  # model key -> compiled `model.init`
+_PRETRAINED = {}  # checkpoint directory -> (variables, meta)
 
 
 def enable_compile_cache(directory: str):
@@ -109,9 +111,24 @@ def _init_fn(s):
   return _INIT_FNS[key]
 
 
+def _pretrained(path: str):
+  """`checkpoint.load_pretrained(path)`, restored once per process: an orbax restore costs more
+  than a short run's setup, and a sweep writes each checkpoint before any run reads it."""
+  key = checkpoint.resolve(path)
+  if key not in _PRETRAINED:
+    variables, meta = checkpoint.load_pretrained(key)
+    # Kept on the host: each run gets its own device copy, which its donating step may delete.
+    _PRETRAINED[key] = (jax.device_get(variables), meta)
+  return _PRETRAINED[key]
+
+
 def init_state(s, config: ConfigDict) -> train.TrainState:
-  """`train.init_state` (same seeds, same fine-tuning plan), with the init compiled once."""
-  return jax.device_put(train.init_state(s, config, init=_init_fn(s)), s.replicated)
+  """`train.init_state` (same seeds, same fine-tuning plan), with the init compiled once and
+  `init_from` read once."""
+  path = config.finetune.init_from
+  return jax.device_put(train.init_state(s, config, init=_init_fn(s),
+                                         pretrained=_pretrained(path) if path else None),
+                        s.replicated)
 
 
 def eval_steps(total_steps: int, num_evals: int) -> set[int]:
@@ -172,8 +189,10 @@ def steps_for(config: ConfigDict, steps: int) -> ConfigDict:
 
 
 def target_config(cfg: ConfigDict, *, per_class: int, seed: int, steps: int, depth: int = 0,
-                  init_from: str = '', norm: str | None = None) -> ConfigDict:
-  """The target-task trainer config of one run; `per_class` 0 means the whole training set.
+                  init_from: str = '', norm: str | None = None,
+                  target: ConfigDict | None = None) -> ConfigDict:
+  """The trainer config of one run on `target` (default `cfg.target`); `per_class` 0 means the
+  whole training set.
 
   The seed sets the head's initialisation, the data order and augmentation, and which
   `per_class` examples are drawn (`data.subset_seed`). With `init_from`, every body stage is
@@ -181,7 +200,7 @@ def target_config(cfg: ConfigDict, *, per_class: int, seed: int, steps: int, dep
   lecture's "replace the last layer"): a source head maps the target's images to unrelated
   labels.
   """
-  c = ConfigDict(cfg.target.to_dict())
+  c = ConfigDict((target or cfg.target).to_dict())
   c.seed = seed
   c.data.per_class = per_class or None
   c.data.subset_seed = seed
@@ -226,19 +245,41 @@ def progress(iterable, desc: str):
   return tqdm.tqdm(list(iterable), desc=desc, unit='run', dynamic_ncols=True)
 
 
+def with_preset(config_flag, preset: str) -> ConfigDict:
+  """The flag's config file loaded with `get_config(preset)`, its `--config.x=...` overrides
+  applied again (`--preset=full` is `--config=FILE:full`)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path = config_flags.get_config_filename(config_flag)
+  spec = importlib.util.spec_from_file_location('experiment_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(preset)
+  for key, value in config_flags.get_override_values(config_flag).items():
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
 def main(experiment):
-  """Command line of one experiment: `--config=configs/experiments/X.py --out=DIR`."""
+  """Command line of one experiment: `--config=configs/experiments/X.py --out=DIR
+  [--preset=full]`."""
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config = config_flags.DEFINE_config_file('config', 'configs/experiments/digits.py',
                                            'An experiment config (configs/experiments/*.py).')
   out = flags.DEFINE_string('out', 'results', 'Output directory (finished runs are kept).')
+  preset = flags.DEFINE_string('preset', '', "The config file's preset, e.g. 'full'.")
 
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     enable_compile_cache(os.path.join(out.value, 'jax_cache'))
-    experiment(config.value, out.value)
+    cfg = with_preset(flags.FLAGS['config'], preset.value) if preset.value else config.value
+    experiment(cfg, out.value)
 
   app.run(run)

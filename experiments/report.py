@@ -3,14 +3,15 @@
     python -m experiments.report --out=results/
 
 Everything in the report is computed here from the JSON-lines files the experiments wrote
-(freeze_sweep/runs.jsonl, transfer_arms/runs.jsonl, scratch_vs_pretrained/{runs,curves}.jsonl,
-features_l2/results.json, arch_compare/rows.jsonl), so re-rendering needs no training; sections
-whose files are missing are left out. Figures are PNGs (matplotlib, Agg backend) in OUT/figures/.
+(freeze_sweep/runs.jsonl, transfer_arms/runs.jsonl, surgical/runs.jsonl,
+scratch_vs_pretrained/{runs,curves}.jsonl, features_l2/results.json, arch_compare/rows.jsonl)
+and the config that `run_all` stored (config.json: the preset), so re-rendering needs no
+training; sections whose files are missing are left out. Figures are PNGs (matplotlib, Agg backend) in OUT/figures/.
 """
 
 import os
 
-from experiments import arch_compare, common, features_l2, freeze_sweep, transfer_arms
+from experiments import arch_compare, common, features_l2, freeze_sweep, surgical, transfer_arms
 from experiments import scratch_vs_pretrained as svp
 
 
@@ -45,6 +46,23 @@ def _transfer(out: str, figures: str) -> list[str]:
           ['', '![accuracy against copied depth](figures/transfer_arms.png)', ''])
 
 
+def _surgical(out: str, figures: str) -> list[str]:
+  rows = common.read_jsonl(os.path.join(out, surgical.NAME, 'runs.jsonl'))
+  cells = surgical.summarize(rows)
+  surgical.plot(cells, os.path.join(figures, 'surgical.png'))
+  sentences, claims = surgical.findings(cells)
+  first = next(iter(cells.values()))
+  return (['## 3. Surgical fine-tuning (Lee et al. 2023)', '',
+           f'MNIST (all ten digits) to optdigits at '
+           f'{common.size_label(rows[0]["per_class"], first["num_train"])}: the same labels, '
+           'other writers, 8x8 scans. Every stage and the head start from the MNIST network; '
+           'only the arm\'s stages train. Test top-1 (%, mean [95 % CI] over '
+           f'{first["interval"].n} seeds); differences are paired over seeds.', '',
+           surgical.table(cells), ''] + [f'- {s}' for s in sentences] + [''] +
+          [f'- {c["sentence"]}' for c in claims] +
+          ['', '![accuracy per tuned block](figures/surgical.png)', ''])
+
+
 def _scratch(out: str, figures: str) -> list[str]:
   base = os.path.join(out, svp.NAME)
   rows = common.read_jsonl(os.path.join(base, 'runs.jsonl'))
@@ -52,7 +70,7 @@ def _scratch(out: str, figures: str) -> list[str]:
            os.path.join(figures, 'scratch_vs_pretrained.png'))
   gaps = svp.gaps(rows)
   seeds = max(g['gap'].n for g in gaps) if gaps else 0
-  return (['## 3. Pretraining vs training from scratch', '',
+  return (['## 4. Pretraining vs training from scratch', '',
            f'Test top-1 (%, mean [95 % CI] over {seeds} seeds); the gap is paired over seeds.',
            '', svp.table(gaps), ''] + [f'- {s}' for s in svp.findings(gaps)] +
           ['', '![accuracy against epochs](figures/scratch_vs_pretrained.png)', ''])
@@ -62,7 +80,7 @@ def _features(out: str, figures: str) -> list[str]:
   base = os.path.join(out, features_l2.NAME)
   results = common.read_json(os.path.join(base, 'results.json'))
   grid = os.path.join(base, 'knn_grid.png')
-  lines = ['## 4. Features in L2 space', '', features_l2.table(results), ''] + [
+  lines = ['## 5. Features in L2 space', '', features_l2.table(results), ''] + [
       f'- {s}' for s in features_l2.findings(results)] + ['']
   if os.path.exists(grid):
     _copy(grid, os.path.join(figures, 'knn_grid.png'))
@@ -73,7 +91,7 @@ def _features(out: str, figures: str) -> list[str]:
 def _arch(out: str, figures: str) -> list[str]:
   del figures
   rows = common.read_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'))
-  return ['## 5. Architecture comparison', '',
+  return ['## 6. Architecture comparison', '',
           'Every family trained from scratch on MNIST (10 classes, 200 training images each) '
           'with the same schedule; reduced widths and small inputs so that every family trains '
           'within the CPU budget. Images/s are medians of timed train/eval steps on this '
@@ -87,7 +105,8 @@ def _copy(src: str, dst: str):
 
 
 SECTIONS = ((freeze_sweep.NAME, 'runs.jsonl', _freeze),
-            (transfer_arms.NAME, 'runs.jsonl', _transfer), (svp.NAME, 'runs.jsonl', _scratch),
+            (transfer_arms.NAME, 'runs.jsonl', _transfer),
+            (surgical.NAME, 'runs.jsonl', _surgical), (svp.NAME, 'runs.jsonl', _scratch),
             (features_l2.NAME, 'results.json', _features),
             (arch_compare.NAME, 'rows.jsonl', _arch))
 
@@ -97,6 +116,11 @@ def render(out: str) -> str:
   figures = os.path.join(out, 'figures')
   os.makedirs(figures, exist_ok=True)
   lines = ['# cnn_arch experiments', '']
+  config = os.path.join(out, 'config.json')
+  if os.path.exists(config):
+    cfg = common.read_json(config)
+    lines += [f'Produced by `python -m experiments.run_all`, preset `{cfg["preset"]}` of the '
+              f'`{cfg["name"]}` experiment config.', '']
   for name, marker, section in SECTIONS:
     if os.path.exists(os.path.join(out, name, marker)):
       lines += section(out, figures)

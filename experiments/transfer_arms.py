@@ -40,6 +40,8 @@ def arm_config(cfg, arm: str, depth: int, seed: int, source: str = '', base_b: s
                                 depth=frozen, init_from=init_from)
   if init_from:
     config.finetune.copy_depth = depth
+  else:  # trained by `train_and_evaluate`: one evaluation, at the end, as `common.run` does
+    config.train.eval_every_epochs = config.train.num_epochs
   return config
 
 

@@ -33,10 +33,11 @@ def test_every_shipped_config_and_variant_is_valid(path):
   if path.count('/') == 1:  # a training config and its variants
     for variant in config_lib.VARIANTS:
       config_lib.validate(module.get_config(variant))
-  else:  # an experiment: the training configs of its source and target runs
-    c = module.get_config()
-    for run in (c.source, c.target):
-      config_lib.validate(run)
+  else:  # an experiment: the training configs of its source and target runs, every preset
+    for preset in getattr(module, 'PRESETS', (None,)):
+      c = module.get_config(preset)
+      for run in (c.source, c.target, c.surgical.source, c.surgical.target):
+        config_lib.validate(run)
 
 
 def test_every_rule_names_a_key_of_the_schema():

@@ -247,3 +247,20 @@ def test_class_and_per_class_views_work_on_the_new_builders(data_dir, name, clas
 def test_embedded_names_are_listed_in_the_unknown_name_error():
   with pytest.raises(ValueError, match="Unknown dataset 'optdigit'.*optdigits.*mnist_offline"):
     datasets.prepared_builder(datasets.spec_of(_cfg(None, 'optdigit')))
+
+
+def test_processes_preparing_one_embedded_dataset_wait_for_each_other(tmp_path):
+  """Two processes (pytest workers) prepare optdigits into one empty data_dir at once: both
+  succeed and read the same counts; without the lock tfds's final rename fails in one."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys, ml_collections; from cnn_arch import input_pipeline as ip; '
+          'from tests.test_datasets import _cfg; '
+          'print(ip.get_info(_cfg(sys.argv[1], "optdigits")).num_train)')
+  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=root)) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == [str(sum(OPTDIGITS_COUNTS['train']))] * 2

@@ -4,6 +4,7 @@ end-to-end run of all four experiments (real code path, shared compiled programs
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -11,11 +12,12 @@ import pytest
 import scipy.special
 import scipy.stats
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from cnn_arch import finetune  # pylint: disable=g-import-not-at-top
 from configs.experiments import digits  # pylint: disable=g-import-not-at-top
-from experiments import arch_compare, common, features_l2, freeze_sweep, report, run_all
+from experiments import arch_compare, common, features_l2, freeze_sweep, report, run_all, surgical
 from experiments import scratch_vs_pretrained as svp
 from experiments import transfer_arms
 
@@ -228,6 +230,71 @@ def test_transfer_findings_state_yosinskis_claims():
   assert [c['status'] for c in noisy] == ['cannot tell here', 'holds', 'cannot tell here']
 
 
+def test_surgical_arms_train_one_block_and_keep_every_copied_stage():
+  cfg = digits.get_config()
+  names = common.stage_names(cfg.surgical.target)  # stem, stage1..stage4, head
+  body = names[:-1]
+  trained = {'block 1': ('stem', 'stage1'), 'stage2': ('stage2',), 'stage3': ('stage3',),
+             'stage4': ('stage4',), 'head': ('head',), 'all': names}
+  assert tuple(cfg.surgical.arms) == tuple(trained)
+  for arm, stages in trained.items():
+    config = surgical.arm_config(cfg, arm, seed=2, source='SRC')
+    assert config.data.name == 'optdigits' and config.data.per_class == cfg.surgical.per_class
+    assert config.finetune.init_from == 'SRC' and config.data.subset_seed == 2
+    plan = finetune.make_plan(config, names, None, steps_per_epoch=4, total_steps=4)
+    assert plan.phases[0].frozen == tuple(n for n in names if n not in stages), arm
+    assert plan.reinit == (), arm  # the source head too: same ten labels
+  assert body == ('stem', 'stage1', 'stage2', 'stage3', 'stage4')
+  with pytest.raises(ValueError, match=r"surgical.arms has 'stage9'; choose from \['block 1'"):
+    surgical.arm_config(cfg, 'stage9', seed=0, source='SRC')
+
+
+def _surgical_rows(means, noise=0.0, val=None):
+  """5 seeds per arm; seed s adds noise * (s - 2) to every arm but 'all'."""
+  return [dict(arm=arm, seed=s, per_class=20, num_train=200,
+               val_top1=(val or means)[arm], top1=top1 + (0 if arm == 'all' else noise * (s - 2)))
+          for arm, top1 in means.items() for s in range(5)]
+
+
+def test_surgical_findings_state_lee_et_al_claims():
+  means = {'block 1': 0.9, 'stage2': 0.85, 'stage3': 0.8, 'stage4': 0.7, 'head': 0.6,
+           'all': 0.88}
+  cells = surgical.summarize(_surgical_rows(means))
+  sentences, claims = surgical.findings(cells)
+  assert sentences[0].startswith('block 1 is 5.0 top-1 points above stage2')
+  assert [c['status'] for c in claims] == ['holds', 'holds']
+  assert 'best by validation: stage2' in claims[0]['sentence']
+  assert claims[0]['mean'] == pytest.approx(0.05) and claims[1]['mean'] == pytest.approx(0.02)
+  lines = surgical.table(cells).splitlines()
+  assert lines[0] == '| arm | trains | test top-1 (%) | validation top-1 (%) |'
+  assert lines[2] == '| block 1 | stem, stage1 | 90.0 [90.0, 90.0] | 90.0 |'
+  assert lines[6] == '| head | head | 60.0 [60.0, 60.0] | 60.0 |'
+  # Validation, not test, picks the block to beat: stage4 by validation, test gap 20 points.
+  val = dict(means, stage4=0.95)
+  (which, _) = surgical.findings(surgical.summarize(_surgical_rows(means, val=val)))[1]
+  assert 'best by validation: stage4' in which['sentence'] and which['mean'] == pytest.approx(0.2)
+  # Seed noise that 'all' does not share swamps a 2-point gain: cannot tell.
+  noisy = surgical.findings(surgical.summarize(_surgical_rows(means, noise=0.05)))[1]
+  assert [c['status'] for c in noisy] == ['holds', 'cannot tell here']
+  assert surgical.findings(surgical.summarize(_surgical_rows({'all': 0.9}))) == ([], [])
+
+
+def test_presets_and_the_preset_flag():
+  default, full = digits.get_config(), digits.get_config('full')
+  assert (default.preset, full.preset) == ('default', 'full')
+  assert tuple(default.freeze.per_class) == (5, 100) and len(default.freeze.seeds) == 5
+  assert tuple(full.freeze.per_class) == (5, 20, 100, 1000) and len(full.freeze.seeds) == 10
+  assert tuple(full.scratch.schedules) == (1, 2, 4, 8) and 1000 in full.scratch.per_class
+  with pytest.raises(ValueError, match=r"Unknown experiments preset 'ful'; choose one of"):
+    digits.get_config('ful')
+  code = ('from experiments import common; common.main(lambda cfg, out: '
+          'print(cfg.preset, cfg.transfer.steps, tuple(cfg.freeze.per_class)))')
+  done = subprocess.run([sys.executable, '-c', code, '--out=unused', '--preset=full',
+                         '--config.transfer.steps=7'], capture_output=True, text=True,
+                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  assert done.stdout.splitlines()[-1] == 'full 7 (5, 20, 100, 1000)'
+
+
 def _arch_row(model, macs, train, infer):
   return dict(family=model[:6], model=model, width=0.125, image_size=16, params=1e5, macs=macs,
               train_img_s=train, infer_img_s=infer, top1=0.9, epochs=6.4,
@@ -268,8 +335,10 @@ def test_report_renders_from_fake_result_files(tmp_path):
                      [_arch_row('resnet50', 2e6, 100.0, 400.0),
                       _arch_row('resnext50_32x4d', 2e6, 40.0, 200.0)])
   text = open(report.render(out)).read()
-  assert '## 1. Freeze-depth sweep' in text and '## 3. Pretraining' in text
-  assert '## 2.' not in text and '## 4.' not in text  # no transfer arms, no features results
+  assert '## 1. Freeze-depth sweep' in text and '## 4. Pretraining' in text
+  for missing in ('## 2.', '## 3.', '## 5.'):  # no transfer, surgical or features results
+    assert missing not in text
+  assert 'preset' not in text  # no config.json: run_all did not produce it
   assert 'over 3 seeds' in text and '| best depth (validation) | 1 | 0 |' in text
   assert 'The lecture\'s rule "small target: freeze more, large target: tune more": holds' in text
   assert 'the data cannot tell pretrained at 2x from scratch at 2x' in text
@@ -289,6 +358,14 @@ def tiny_config():
     section.data.image_size = 8
   c.source.data.per_class = 10  # 50 images: 2 steps; with the target's lr: the sweep's program
   c.source.optim.learning_rate = c.target.optim.learning_rate
+  c.source.train.batch_size = c.target.train.batch_size
+  for section in (c.surgical.source, c.surgical.target):
+    section.model.options.width = 0.0625
+    section.data.image_size = 8
+  c.surgical.source.data.per_class = 5  # 50 images at batch 25: 1 step in 0.5 epochs
+  c.surgical.source.train.batch_size = 25
+  c.surgical.per_class, c.surgical.arms, c.surgical.seeds = 5, ('block 1', 'all'), (0, 1)
+  c.surgical.steps = 2
   c.freeze.per_class, c.freeze.seeds, c.freeze.steps = (5,), (0, 1), 2
   c.freeze.depths = (0,)  # one program shared by every run (depths: test_freeze_summary...)
   c.transfer.per_class, c.transfer.depths, c.transfer.seeds, c.transfer.steps = 5, (1,), (0, 1), 2
@@ -332,11 +409,16 @@ def test_tiny_run_writes_every_result(tiny_run):
   assert {r['dims'] for r in feats if r['network'] != 'pixels'} == {32}
   (arch,) = common.read_jsonl(os.path.join(out, arch_compare.NAME, 'rows.jsonl'))
   assert arch['params'] > 0 and arch['macs'] > 0 and arch['train_img_s'] > 0
+  surgery = common.read_jsonl(os.path.join(out, surgical.NAME, 'runs.jsonl'))
+  assert sorted((r['arm'], r['seed']) for r in surgery) == [
+      (a, s) for a in ('all', 'block 1') for s in (0, 1)]
+  assert all(0.0 <= r['top1'] <= 1.0 and r['num_train'] == 50 for r in surgery)
   text = open(path).read()
-  for section in ('## 1.', '## 2.', '## 3.', '## 4.', '## 5.'):
+  assert 'preset `default` of the `digits` experiment config' in text
+  for section in ('## 1.', '## 2.', '## 3.', '## 4.', '## 5.', '## 6.'):
     assert section in text
-  for figure in ('freeze_sweep.png', 'transfer_arms.png', 'scratch_vs_pretrained.png',
-                 'knn_grid.png'):
+  for figure in ('freeze_sweep.png', 'transfer_arms.png', 'surgical.png',
+                 'scratch_vs_pretrained.png', 'knn_grid.png'):
     with open(os.path.join(out, 'figures', figure), 'rb') as f:
       assert f.read(8) == PNG
 

@@ -1,15 +1,19 @@
 """The experiments on real MNIST (embedded, offline), sized for a 2-core CPU.
 
-    python -m experiments.run_all --out=results/     # all five, then report.md
+    python -m experiments.run_all --out=results/     # every experiment, then report.md
+    python -m experiments.run_all --out=results_full/ --preset=full
 
 Transfer follows the class split of Yosinski et al. (2014): an eighth-width ResNet-18 (CIFAR
 stem, 16x16 inputs) is pretrained on MNIST digits 0-4 (source, ~27,500 training images) and
-fine-tuned on digits 5-9 (target) with 5, 20 or 100 training examples per class. Runs are
+fine-tuned on digits 5-9 (target) with 5 or 100 training examples per class (`full`: 5, 20,
+100, 1,000). Surgical fine-tuning (Lee et al. 2023) pretrains on all ten MNIST digits and
+fine-tunes on UCI optdigits (the same ten labels, 8x8 scans of other writers). Runs are
 selected on the validation split (carved from MNIST's training set) and reported on MNIST's test
 split (4,861 images of 5-9). Every seed draws its own target subset, head initialisation and
 data order; the arms of one seed share them, so differences between arms are paired. Every
 fine-tuning run of one sweep trains the same number of steps at batch 25, so its programs are
-compiled once. OUT/timings.json records each experiment's wall time. Each section drives one
+compiled once. OUT/timings.json records each experiment's wall time, OUT/config.json the
+config (the report names its preset). Each section drives one
 module of `experiments/`; the real-scale configs next to this file (cifar10_freeze.py,
 cifar100_to_cifar10.py, cifar10_scratch.py) have the same structure.
 """
@@ -37,18 +41,33 @@ def trainer(classes) -> config.ConfigDict:
   return c
 
 
+PRESETS = ('default', 'full')
+
+
+def source_trainer(classes, epochs: float) -> config.ConfigDict:
+  """A source-task trainer: batch 100, where a step costs little more than at 25 on a CPU."""
+  c = trainer(classes)
+  c.train.batch_size = 100
+  c.train.num_epochs = epochs
+  c.optim.learning_rate = 0.1
+  return c
+
+
 def get_config(arg=None):
-  del arg
+  """`arg`: the preset, 'default' (sized for 15 minutes of a 2-core CPU) or 'full'."""
+  preset = arg or 'default'
+  if preset not in PRESETS:
+    raise ValueError(f'Unknown experiments preset {preset!r}; choose one of {PRESETS}, as in '
+                     '--preset=full.')
   c = config.ConfigDict()
   c.name = 'digits'
-  c.source = trainer(SOURCE_CLASSES)  # pretrained once per norm with train_and_evaluate
-  c.source.train.num_epochs = 1.0  # 1,100 steps over the ~27,500 images of digits 0-4
-  c.source.optim.learning_rate = 0.1
+  c.preset = preset
+  c.source = source_trainer(SOURCE_CLASSES, 1.0)  # 275 steps over the ~27,500 images of 0-4
   c.init_from = ''  # '' : pretrain `source`; else a checkpoint directory (e.g. torchvision's)
   c.target = trainer(TARGET_CLASSES)
 
   c.freeze = config.ConfigDict()
-  c.freeze.per_class = (5, 20, 100)
+  c.freeze.per_class = (5, 100)
   c.freeze.depths = ()  # (): every depth from 0 (tune all) to the head alone
   c.freeze.seeds = (0, 1, 2, 3, 4)  # each seed also draws a different N-per-class subset
   c.freeze.steps = 100
@@ -56,7 +75,7 @@ def get_config(arg=None):
   c.scratch = config.ConfigDict()
   c.scratch.per_class = (20,)  # 0 would be the whole target training set
   c.scratch.norms = ('batch', 'group')
-  c.scratch.schedules = (1, 2, 4)  # multiples of steps_1x (He et al. 2019: 1x, 2x, ...)
+  c.scratch.schedules = (1, 4)  # multiples of steps_1x (He et al. 2019: 1x, 2x, ...)
   c.scratch.steps_1x = 50
   c.scratch.seeds = (0, 1, 2, 3, 4)
   c.scratch.num_evals = 1  # per 1x: a 4x run evaluates 4 times
@@ -77,6 +96,15 @@ def get_config(arg=None):
   c.features.probe_l2 = 1e-3
   c.features.probe_max_iter = 2000
   c.features.probe_tol = 1e-5
+
+  c.surgical = config.ConfigDict()  # Lee et al. (2023): tune one block, freeze the rest
+  c.surgical.source = source_trainer(None, 0.5)  # all ten digits, 270 steps
+  c.surgical.target = trainer(None)
+  c.surgical.target.data.name = 'optdigits'
+  c.surgical.per_class = 20
+  c.surgical.arms = ('block 1', 'stage2', 'stage3', 'stage4', 'head', 'all')
+  c.surgical.seeds = (0, 1, 2, 3, 4)
+  c.surgical.steps = 100
 
   c.arch = config.ConfigDict()
   c.arch.data = trainer(None).data  # all ten digits, 200 training images of each
@@ -101,4 +129,11 @@ def get_config(arg=None):
       ('resnet', 'resnet50', dict(width=1.0, train=False)),
       ('resnext', 'resnext50_32x4d', dict(width=1.0, train=False)),
   )
+  if preset == 'full':  # more target sizes, seeds and schedules; hours on a 2-core CPU
+    seeds = tuple(range(10))
+    c.freeze.per_class, c.freeze.seeds, c.freeze.steps = (5, 20, 100, 1000), seeds, 300
+    c.transfer.seeds = c.surgical.seeds = c.features.seeds = seeds
+    # He et al.'s large-target end: 1,000/class, schedules up to 8x of 2 epochs at that size.
+    c.scratch.per_class, c.scratch.schedules, c.scratch.steps_1x = (20, 1000), (1, 2, 4, 8), 400
+    c.scratch.seeds = seeds[:5]
   return c
