@@ -6,7 +6,8 @@ Everything in the report is computed here from the JSON-lines files the experime
 (freeze_sweep/runs.jsonl, transfer_arms/runs.jsonl, surgical/runs.jsonl,
 scratch_vs_pretrained/{runs,curves}.jsonl, features_l2/results.json, arch_compare/rows.jsonl)
 and the config that `run_all` stored (config.json: the preset), so re-rendering needs no
-training; sections whose files are missing are left out. Figures are PNGs (matplotlib, Agg backend) in OUT/figures/.
+training; sections whose files are missing are left out. Figures are PNGs (matplotlib, Agg
+backend) in OUT/figures/.
 """
 
 import os
