@@ -3,6 +3,8 @@
 import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -252,8 +254,6 @@ def test_embedded_names_are_listed_in_the_unknown_name_error():
 def test_processes_preparing_one_embedded_dataset_wait_for_each_other(tmp_path):
   """Two processes (pytest workers) prepare optdigits into one empty data_dir at once: both
   succeed and read the same counts; without the lock tfds's final rename fails in one."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ('import sys, ml_collections; from cnn_arch import input_pipeline as ip; '
           'from tests.test_datasets import _cfg; '

@@ -233,7 +233,6 @@ def test_transfer_findings_state_yosinskis_claims():
 def test_surgical_arms_train_one_block_and_keep_every_copied_stage():
   cfg = digits.get_config()
   names = common.stage_names(cfg.surgical.target)  # stem, stage1..stage4, head
-  body = names[:-1]
   trained = {'block 1': ('stem', 'stage1'), 'stage2': ('stage2',), 'stage3': ('stage3',),
              'stage4': ('stage4',), 'head': ('head',), 'all': names}
   assert tuple(cfg.surgical.arms) == tuple(trained)
@@ -244,7 +243,7 @@ def test_surgical_arms_train_one_block_and_keep_every_copied_stage():
     plan = finetune.make_plan(config, names, None, steps_per_epoch=4, total_steps=4)
     assert plan.phases[0].frozen == tuple(n for n in names if n not in stages), arm
     assert plan.reinit == (), arm  # the source head too: same ten labels
-  assert body == ('stem', 'stage1', 'stage2', 'stage3', 'stage4')
+  assert names == ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head')
   with pytest.raises(ValueError, match=r"surgical.arms has 'stage9'; choose from \['block 1'"):
     surgical.arm_config(cfg, 'stage9', seed=0, source='SRC')
 
