@@ -6,30 +6,33 @@ AlexNet (Krizhevsky et al. 2012), VGG (Simonyan & Zisserman 2015), GoogLeNet (Sz
 2015), ResNet (He et al. 2016), ResNeXt (Xie et al. 2017) and a GroupNorm ResNet (Wu & He 2018),
 all at the same reduced width, trained from scratch with the same schedule on the same task
 (MNIST, 200 images per class, selected on validation, reported on the 10,000 test images).
-Parameters and MACs come from `cnn_arch.summary.analyze`; images/s are medians of timed calls
-(`benchmarks.common.timed`) of the very train and eval steps the runs used, on this machine.
+Parameters and MACs come from `cnn_arch.summary.analyze`; images/s are medians over rounds in
+which every model's train and eval steps (the very steps the runs used) take turns
+(`benchmarks.common.interleaved`), on this machine.
 The lecture claims ResNeXt is 1.5-2x slower than ResNet at equal MACs because grouped
 convolutions are poorly optimised; `resnext_finding` states what this machine shows.
-Writes OUT/arch_compare/rows.jsonl.
+Writes OUT/arch_compare/rows.jsonl (and speed.json, the timings).
 """
 
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from cnn_arch import config as config_lib
 from cnn_arch import summary
 from cnn_arch.train_setup import make_setup
-from benchmarks.common import timed
+from benchmarks.common import interleaved
 from experiments import common
 
 NAME = 'arch_compare'
 
 
 def trainer_config(cfg, name: str, options: dict) -> ConfigDict:
-  """The trainer config of one family: shared width, data, batch, steps; `options` override."""
+  """The trainer config of one family: shared width, data, batch, steps; `options` override
+  them (image_size, lr, batch_size) or are model options."""
   options = dict(options)
   c = config_lib.base()
   c.seed = cfg.arch.seed
@@ -37,8 +40,8 @@ def trainer_config(cfg, name: str, options: dict) -> ConfigDict:
   c.data = ConfigDict(cfg.arch.data.to_dict())
   c.data.image_size = options.pop('image_size', cfg.arch.image_size)
   c.optim.learning_rate = options.pop('lr', cfg.target.optim.learning_rate)
+  c.train.batch_size = options.pop('batch_size', cfg.arch.batch_size)
   c.model.options = ConfigDict({'width': cfg.arch.width, 'cifar_stem': True, **options})
-  c.train.batch_size = cfg.arch.batch_size
   c.train.eval_batch_size = cfg.target.train.eval_batch_size
   return common.steps_for(c, cfg.arch.steps)
 
@@ -49,8 +52,10 @@ def label(name: str, options: dict) -> str:
   return f'{name}' + (f'[{extra}]' if extra else '')
 
 
-def measure(config: ConfigDict, steps: int) -> dict:
-  """Params and MACs per image, and median train/inference images/s of the trainer's steps."""
+def _steps(config: ConfigDict):
+  """Params, MACs and input facts of one model, and its trainer's train and inference steps as
+  no-argument callables on a fixed batch (each train call on a fresh copy of the state, which
+  the step donates)."""
   s = make_setup(config)
   size, batch = s.image_size, config.train.batch_size
   report = summary.analyze(s.model, (1, size, size, 3))
@@ -59,34 +64,59 @@ def measure(config: ConfigDict, steps: int) -> dict:
   data = jax.device_put({'image': jnp.zeros((batch, size, size, 3)),
                          'label': jnp.zeros((batch,), jnp.int32),
                          'mask': jnp.ones((batch,))}, s.batch_sharding)
-  # The step donates its state: each timed call gets a fresh copy (a few small device copies).
-  train = lambda st, b: step_fn(jax.tree.map(jnp.copy, st), b)
-  train_s = timed(train, state, {k: data[k] for k in ('image', 'label')}, steps=steps)
-  infer_s = timed(eval_fn, state, data, steps=steps)
-  return dict(params=report['total_params'], macs=report['total_macs'], image_size=size,
-              batch=batch, train_img_s=batch / train_s, infer_img_s=batch / infer_s,
-              backend=jax.default_backend())
+  images = {k: data[k] for k in ('image', 'label')}
+  facts = dict(params=report['total_params'], macs=report['total_macs'], image_size=size,
+               batch=batch, backend=jax.default_backend())
+  return facts, {
+      'train': lambda: jax.block_until_ready(step_fn(jax.tree.map(jnp.copy, state), images)),
+      'infer': lambda: jax.block_until_ready(eval_fn(state, data))}
+
+
+def measure(configs: dict, rounds: int) -> dict:
+  """name -> params, MACs and median train/inference images/s of the trainer's steps.
+
+  The models take turns (`benchmarks.common.interleaved`, one warm-up and one timed call of
+  each per round), so every model sees the same machine load, and the ResNeXt/ResNet ratio
+  holds even while another process shares the machine."""
+  facts, fns = {}, {}
+  for name, config in configs.items():
+    facts[name], steps = _steps(config)
+    fns.update({(name, kind): fn for kind, fn in steps.items()})
+  seconds = interleaved(fns, rounds)
+  return {name: {**f, **{f'{kind}_img_s': f['batch'] / float(np.median(seconds[name, kind]))
+                         for kind in ('train', 'infer')}}
+          for name, f in facts.items()}
+
+
+def _models(cfg, out: str):
+  """(family, trainer config, workdir, model label, trained?) of every model of
+  `cfg.arch.models`."""
+  for family, name, options in cfg.arch.models:
+    options = dict(options)
+    trained = options.pop('train', True)
+    workdir = os.path.join(out, NAME, 'runs', label(name, options).replace('=', '-'))
+    yield family, trainer_config(cfg, name, options), workdir, label(name, options), trained
 
 
 def run(cfg, out: str) -> list[dict]:
+  """Trains every model that is not timed only (or finds it trained), times all of them
+  (OUT/arch_compare/speed.json) and writes the rows."""
+  models = list(_models(cfg, out))
   rows = []
-  for family, name, options in common.progress(cfg.arch.models, NAME):
-    options = dict(options)
-    trained = options.pop('train', True)
-    config = trainer_config(cfg, name, options)
-    workdir = os.path.join(out, NAME, 'runs', label(name, options).replace('=', '-'))
-    row = dict(family=family, model=label(name, options), width=config.model.options.width)
+  for family, config, workdir, model, trained in common.progress(models, NAME):
+    row = dict(family=family, model=model, width=config.model.options.width)
     if trained:
-      result = common.run(config, workdir, num_evals=cfg.arch.num_evals)
+      result = common.run(config, workdir, eval_at=(0.75, 1.0))
       curve = [m['top1'] for m in common.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
                if m['split'] == 'eval']
       row.update(top1=result['test_top1'], val_top1=result['top1'], epochs=result['epochs'],
                  val_curve=curve)
-    os.makedirs(workdir, exist_ok=True)
-    speed_file = os.path.join(workdir, 'speed.json')
-    if not os.path.exists(speed_file):
-      common.write_json(speed_file, measure(config, cfg.arch.timed_steps))
-    rows.append({**row, **common.read_json(speed_file)})
+    rows.append(row)
+  speed_file = os.path.join(out, NAME, 'speed.json')
+  if not os.path.exists(speed_file):
+    common.write_json(speed_file, measure({m[3]: m[1] for m in models}, cfg.arch.timed_rounds))
+  speed = common.read_json(speed_file)
+  rows = [{**row, **speed[row['model']]} for row in rows]
   common.write_jsonl(os.path.join(out, NAME, 'rows.jsonl'), rows)
   return rows
 

@@ -12,6 +12,7 @@ stopped. Source-task pretraining, whose checkpoint the
 fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -29,6 +30,24 @@ _PROGRAMS = {}  # program key -> (jitted train step, jitted eval step)
 _EVAL_DATA = {}  # data view key -> list of padded eval batches (numpy)
 _INIT_FNS = {}  # model key -> compiled `model.init`
 _PRETRAINED = {}  # checkpoint directory -> (variables, meta)
+_PROGRESS_POSITION = None  # this process's line for its progress bar, when several share a terminal
+
+# XLA:CPU splits each op of these small networks over its thread pool, and a step then waits for
+# whichever thread the OS (or the input pipeline's threads) preempted; on a 2-core machine that
+# doubles some runs' step time at random. One thread per process runs as fast and steadily, and
+# `run_all` fills the other cores with other experiments.
+CPU_FLAGS = ('--xla_cpu_multi_thread_eigen=false', 'intra_op_parallelism_threads=1')
+
+
+def one_cpu_thread():
+  """Adds `CPU_FLAGS` to XLA_FLAGS (inherited by child processes); call before JAX first runs."""
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  os.environ['XLA_FLAGS'] = ' '.join(flags + [f for f in CPU_FLAGS if f not in flags])
+
+
+def set_progress_position(position: int):
+  global _PROGRESS_POSITION
+  _PROGRESS_POSITION = position
 
 
 def enable_compile_cache(directory: str):
@@ -74,10 +93,15 @@ def programs(s, config: ConfigDict, phase: int = 0, start: int = 0):
   Built exactly as `train_and_evaluate` builds them (the state is donated), so a source run and
   target runs of the same shape share one entry of the persistent compilation cache.
   """
-  finetune = {k: v for k, v in config.finetune.items() if k != 'init_from'}
-  key = _key(config.model, config.optim, finetune, config.train.batch_size,
-             config.train.eval_batch_size, s.image_size, s.total_steps, s.steps_per_epoch,
-             s.model_meta['num_classes'], phase, start)
+  # What the compiled steps depend on (`train.parallel_steps`), and nothing else: runs that
+  # differ only in their initialisation (scratch or pretrained, AnB or BnB), their seed or
+  # their epoch length (without a warm-up or step decay) share programs.
+  plan = s.plan
+  epoch = s.steps_per_epoch if config.optim.warmup_epochs or config.optim.schedule == 'step' else 0
+  key = _key(config.model, s.model_meta['num_classes'], config.optim,
+             config.train.on_nonfinite, config.train.batch_size, config.train.eval_batch_size,
+             s.image_size, s.total_steps, epoch, plan.frozen_keys(phase), plan.model_frozen(phase),
+             [(k, plan.key_lr_mult(k)) for k in plan.keys], phase, start)
   if key not in _PROGRAMS:
     _PROGRAMS[key] = train.parallel_steps(s, config, donate=True, start=start, phase=phase)
   return _PROGRAMS[key]
@@ -131,17 +155,23 @@ def init_state(s, config: ConfigDict) -> train.TrainState:
                         s.replicated)
 
 
-def eval_steps(total_steps: int, num_evals: int) -> set[int]:
-  """`num_evals` evaluation steps spread evenly over a run, always including the last."""
-  return {max(1, round(total_steps * (i + 1) / num_evals)) for i in range(num_evals)}
+def eval_steps(total_steps: int, at: tuple[float, ...]) -> set[int]:
+  """The steps at fractions `at` of a run (1.0: the last step)."""
+  return {max(1, round(total_steps * f)) for f in at}
 
 
-def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | None = None):
+def evenly(num_evals: int) -> tuple[float, ...]:
+  """`num_evals` fractions spread evenly over a run, the last 1.0."""
+  return tuple((i + 1) / num_evals for i in range(num_evals))
+
+
+def run(config: ConfigDict, workdir: str, *, eval_at: tuple[float, ...] = (1.0,),
+        extra: dict | None = None):
   """Trains and evaluates one configuration in `workdir` with the trainer's loop
   (`train.fit`), or returns its stored results.
 
-  No checkpoints; `num_evals` evaluations, evenly spaced, each an `{"split": "eval", "step",
-  "epoch", "top1", "loss"}` line of `metrics.jsonl`. Returns the results dict (`extra` merged).
+  No checkpoints; an evaluation at each fraction `eval_at` of the run, each an `{"split":
+  "eval", "step", "epoch", "top1", "loss"}` line of `metrics.jsonl`. Returns the results dict (`extra` merged).
   """
   done = os.path.join(workdir, 'results.json')
   if os.path.exists(done):
@@ -159,15 +189,22 @@ def run(config: ConfigDict, workdir: str, *, num_evals: int = 1, extra: dict | N
       s, config, init_state(s, config), workdir, t0=t0,
       programs=lambda phase, start: programs(s, config, phase, start),
       evaluation=lambda split: eval_batches(config.data, config.train.eval_batch_size, split),
-      eval_steps=eval_steps(s.total_steps, num_evals), progress=False, extra=extra)
+      eval_steps=eval_steps(s.total_steps, eval_at), progress=False, extra=extra)
 
 
 def pretrain(config: ConfigDict, workdir: str) -> dict:
-  """Source-task training through the trainer itself (checkpoints, resumption, results.json)."""
-  done = os.path.join(workdir, 'results.json')
-  if os.path.exists(done):
-    return read_json(done)
-  return train.train_and_evaluate(config, workdir)
+  """Source-task training through the trainer itself (checkpoints, resumption, results.json).
+
+  Experiments running in parallel (`run_all --jobs`) that need the same source network wait for
+  the one process that trains it.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+  with open(workdir + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = os.path.join(workdir, 'results.json')
+    if os.path.exists(done):
+      return read_json(done)
+    return train.train_and_evaluate(config, workdir)
 
 
 def steps_for(config: ConfigDict, steps: int) -> ConfigDict:
@@ -242,7 +279,8 @@ def size_label(per_class: int, num_train: int) -> str:
 def progress(iterable, desc: str):
   """A tqdm bar over an experiment's runs (the trainer's own bars show steps)."""
   import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(list(iterable), desc=desc, unit='run', dynamic_ncols=True)
+  return tqdm.tqdm(list(iterable), desc=desc, unit='run', dynamic_ncols=True,
+                   position=_PROGRESS_POSITION, leave=_PROGRESS_POSITION is None)
 
 
 def with_preset(config_flag, preset: str) -> ConfigDict:
@@ -277,6 +315,7 @@ def main(experiment):
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    one_cpu_thread()
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     enable_compile_cache(os.path.join(out.value, 'jax_cache'))
     cfg = with_preset(flags.FLAGS['config'], preset.value) if preset.value else config.value

@@ -95,8 +95,10 @@ def _arch(out: str, figures: str) -> list[str]:
   return ['## 6. Architecture comparison', '',
           'Every family trained from scratch on MNIST (10 classes, 200 training images each) '
           'with the same schedule; reduced widths and small inputs so that every family trains '
-          'within the CPU budget. Images/s are medians of timed train/eval steps on this '
-          'machine.', '',
+          'within the CPU budget. Images/s are medians over rounds in which every model\'s '
+          'train and eval steps take turns, on this machine, with XLA:CPU on one thread as in '
+          'every experiment (`experiments.common.CPU_FLAGS`; `run_all` runs another experiment '
+          'on the other cores meanwhile).', '',
           arch_compare.table(rows), '', arch_compare.resnext_finding(rows), '']
 
 

@@ -46,7 +46,7 @@ def run(cfg, out: str) -> tuple[list[dict], list[dict]]:
   rows, curves = [], []
   for name, config, fields, evals in common.progress(list(runs(cfg, init_from)), NAME):
     workdir = os.path.join(out, NAME, 'runs', name)
-    result = common.run(config, workdir, num_evals=evals)
+    result = common.run(config, workdir, eval_at=common.evenly(evals))
     rows.append({**fields, 'num_train': result['num_train'], 'epochs': result['epochs'],
                  'val_top1': result['top1'], 'top1': result['test_top1'],
                  'seconds': result['wall_seconds']})

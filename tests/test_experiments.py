@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cnn_arch import finetune  # pylint: disable=g-import-not-at-top
+from cnn_arch.train_setup import make_setup  # pylint: disable=g-import-not-at-top
 from configs.experiments import digits  # pylint: disable=g-import-not-at-top
 from experiments import arch_compare, common, features_l2, freeze_sweep, report, run_all, surgical
 from experiments import scratch_vs_pretrained as svp
@@ -294,6 +295,23 @@ def test_presets_and_the_preset_flag():
   assert done.stdout.splitlines()[-1] == 'full 7 (5, 20, 100, 1000)'
 
 
+def test_programs_are_shared_by_runs_that_differ_only_in_init_seed_or_size():
+  cfg = tiny_config()
+  get = lambda c: common.programs(make_setup(c), c)
+  base = common.target_config(cfg, per_class=5, seed=0, steps=2)
+  pretrained = common.target_config(cfg, per_class=10, seed=1, steps=2, init_from='/nowhere')
+  assert pretrained.finetune.copy_depth == 5  # a different initialisation, the same step
+  assert get(pretrained) is get(base)
+  assert get(common.target_config(cfg, per_class=5, seed=0, steps=2, depth=1)) is not get(base)
+  assert get(common.target_config(cfg, per_class=5, seed=0, steps=3)) is not get(base)
+  # A warm-up of one epoch: 1 of the 2 steps at 5/class, both at 10/class (2 steps an epoch).
+  warm = [common.target_config(cfg, per_class=n, seed=0, steps=2) for n in (5, 10)]
+  for c in warm:
+    c.optim.warmup_epochs = 1.0
+  assert [make_setup(c).total_steps for c in warm] == [2, 2]
+  assert get(warm[0]) is not get(warm[1])
+
+
 def _arch_row(model, macs, train, infer):
   return dict(family=model[:6], model=model, width=0.125, image_size=16, params=1e5, macs=macs,
               train_img_s=train, infer_img_s=infer, top1=0.9, epochs=6.4,
@@ -373,7 +391,7 @@ def tiny_config():
   c.features.k, c.features.queries, c.features.per_class, c.features.seeds = 3, 2, 5, (0, 1)
   c.arch.data = c.target.data  # same view, size and width as the sweep: shared programs
   c.arch.width, c.arch.image_size, c.arch.batch_size, c.arch.steps = 0.0625, 8, 25, 2
-  c.arch.timed_steps = 1
+  c.arch.timed_rounds = 1
   c.arch.models = (('resnet', 'resnet18', {}),)
   return c
 
@@ -434,3 +452,32 @@ def test_tiny_run_resumes_only_unfinished_runs(tiny_run):
   assert len(rows) == 2
   with open(redo) as f:
     assert json.load(f)['steps'] == 2
+
+
+def _fields(rows, drop=('seconds',)):
+  return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_run_all_in_two_processes_gives_the_results_of_one(tmp_path):
+  """Two worker processes share one source pretraining (the second waits for its lock) and give
+  the same numbers, bit for bit, as one process running the experiments in turn."""
+  code = ('import sys; sys.path.insert(0, "tests"); from experiments import common, run_all; '
+          'from test_experiments import tiny_config; common.one_cpu_thread(); '
+          'only = ("freeze_sweep", "features_l2"); '
+          'run_all.run_all(tiny_config(), sys.argv[1], only, jobs=2); '
+          'run_all.run_all(tiny_config(), sys.argv[2], only, jobs=1)')
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  subprocess.run([sys.executable, '-c', code, two, one], capture_output=True, text=True,
+                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  for out in (two, one):
+    assert sorted(common.read_json(os.path.join(out, 'timings.json'))) == [
+        'features_l2', 'freeze_sweep', 'wall']
+  sweep = [common.read_jsonl(os.path.join(out, freeze_sweep.NAME, 'runs.jsonl'))
+           for out in (two, one)]
+  assert len(sweep[0]) == 2 and _fields(sweep[0]) == _fields(sweep[1])
+  feats = [common.read_json(os.path.join(out, features_l2.NAME, 'results.json'))['rows']
+           for out in (two, one)]
+  assert len(feats[0]) == 6 and _fields(feats[0]) == _fields(feats[1])
+  pretrained = [common.read_json(os.path.join(out, 'pretrain_batch', 'results.json'))['top1']
+                for out in (two, one)]
+  assert pretrained[0] == pretrained[1]
