@@ -76,8 +76,8 @@ def measure(configs: dict, rounds: int) -> dict:
   """name -> params, MACs and median train/inference images/s of the trainer's steps.
 
   The models take turns (`benchmarks.common.interleaved`, one warm-up and one timed call of
-  each per round), so every model sees the same machine load, and the ResNeXt/ResNet ratio
-  holds even while another process shares the machine."""
+  each per round), so all see the same machine load, also while another process shares the
+  machine."""
   facts, fns = {}, {}
   for name, config in configs.items():
     facts[name], steps = _steps(config)
@@ -114,7 +114,8 @@ def run(cfg, out: str) -> list[dict]:
     rows.append(row)
   speed_file = os.path.join(out, NAME, 'speed.json')
   if not os.path.exists(speed_file):
-    common.write_json(speed_file, measure({m[3]: m[1] for m in models}, cfg.arch.timed_rounds))
+    configs = {model: config for _, config, _, model, _ in models}
+    common.write_json(speed_file, measure(configs, cfg.arch.timed_rounds))
   speed = common.read_json(speed_file)
   rows = [{**row, **speed[row['model']]} for row in rows]
   common.write_jsonl(os.path.join(out, NAME, 'rows.jsonl'), rows)
