@@ -39,10 +39,13 @@ _PROGRESS_POSITION = None  # this process's line for its progress bar, when seve
 CPU_FLAGS = ('--xla_cpu_multi_thread_eigen=false', 'intra_op_parallelism_threads=1')
 
 
-def one_cpu_thread():
-  """Adds `CPU_FLAGS` to XLA_FLAGS (inherited by child processes); call before JAX first runs."""
-  flags = os.environ.get('XLA_FLAGS', '').split()
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [f for f in CPU_FLAGS if f not in flags])
+def one_cpu_thread(environ=None):
+  """Adds `CPU_FLAGS` to XLA_FLAGS (inherited by child processes), except a flag XLA_FLAGS
+  already sets (an explicit setting wins); call before JAX first runs."""
+  environ = os.environ if environ is None else environ
+  flags = environ.get('XLA_FLAGS', '').split()
+  names = {f.split('=')[0] for f in flags}
+  environ['XLA_FLAGS'] = ' '.join(flags + [f for f in CPU_FLAGS if f.split('=')[0] not in names])
 
 
 def set_progress_position(position: int):
@@ -171,7 +174,8 @@ def run(config: ConfigDict, workdir: str, *, eval_at: tuple[float, ...] = (1.0,)
   (`train.fit`), or returns its stored results.
 
   No checkpoints; an evaluation at each fraction `eval_at` of the run, each an `{"split":
-  "eval", "step", "epoch", "top1", "loss"}` line of `metrics.jsonl`. Returns the results dict (`extra` merged).
+  "eval", "step", "epoch", "top1", "loss"}` line of `metrics.jsonl`. Returns the results dict
+  (`extra` merged).
   """
   done = os.path.join(workdir, 'results.json')
   if os.path.exists(done):

@@ -454,8 +454,19 @@ def test_tiny_run_resumes_only_unfinished_runs(tiny_run):
     assert json.load(f)['steps'] == 2
 
 
-def _fields(rows, drop=('seconds',)):
-  return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+def _fields(rows):
+  return [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
+
+
+def test_one_cpu_thread_adds_its_flags_once_and_keeps_explicit_settings():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  common.one_cpu_thread(env)
+  common.one_cpu_thread(env)
+  assert env['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2', *common.CPU_FLAGS]
+  env = {'XLA_FLAGS': 'intra_op_parallelism_threads=4'}
+  common.one_cpu_thread(env)
+  assert env['XLA_FLAGS'].split() == ['intra_op_parallelism_threads=4',
+                                      '--xla_cpu_multi_thread_eigen=false']
 
 
 def test_run_all_in_two_processes_gives_the_results_of_one(tmp_path):
