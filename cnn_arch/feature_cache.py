@@ -101,7 +101,7 @@ def _features(cache: Cache, batches) -> Iterator[dict]:
 def build(s, config: ConfigDict, state) -> Cache:
   """Runs the frozen prefix of `state`'s model once over this host's training and eval data."""
   t0 = time.perf_counter()
-  extract = _extractor(s.model, s.stage_names[s.cache_stages - 1], s.mesh, s.batch_sharding.spec)
+  extract = extractor(s.model, s.stage_names[s.cache_stages - 1], s.mesh, s.batch_sharding.spec)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   batch_size = config.train.eval_batch_size
 
@@ -123,7 +123,7 @@ def build(s, config: ConfigDict, state) -> Cache:
                train=np.concatenate(feats), eval=evaluation, seconds=time.perf_counter() - t0)
 
 
-def _extractor(model, stage: str, mesh, batch_spec):
+def extractor(model, stage: str, mesh, batch_spec):
   """jit(shard_map) of the inference forward pass returning `stage`'s output, batch-sharded."""
   def run(variables, images):
     return model.apply(variables, images, train=False, features=True)[1][stage]

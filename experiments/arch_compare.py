@@ -98,12 +98,10 @@ def _models(cfg, out: str):
     yield family, trainer_config(cfg, name, options), workdir, label(name, options), trained
 
 
-def run(cfg, out: str) -> list[dict]:
-  """Trains every model that is not timed only (or finds it trained), times all of them
-  (OUT/arch_compare/speed.json) and writes the rows."""
-  models = list(_models(cfg, out))
-  rows = []
-  for family, config, workdir, model, trained in common.progress(models, NAME):
+def train(cfg, out: str) -> dict[str, dict]:
+  """Trains every model that is not timed only (or finds it trained); model label -> row."""
+  rows = {}
+  for family, config, workdir, model, trained in common.progress(list(_models(cfg, out)), NAME):
     row = dict(family=family, model=model, width=config.model.options.width)
     if trained:
       result = common.run(config, workdir, eval_at=(0.75, 1.0))
@@ -111,15 +109,38 @@ def run(cfg, out: str) -> list[dict]:
                if m['split'] == 'eval']
       row.update(top1=result['test_top1'], val_top1=result['top1'], epochs=result['epochs'],
                  val_curve=curve)
-    rows.append(row)
+    rows[model] = row
+  return rows
+
+
+def time_all(cfg, out: str) -> dict[str, dict]:
+  """Times every model together (or reads OUT/arch_compare/speed.json); label -> speed."""
   speed_file = os.path.join(out, NAME, 'speed.json')
   if not os.path.exists(speed_file):
-    configs = {model: config for _, config, _, model, _ in models}
+    configs = {model: config for _, config, _, model, _ in _models(cfg, out)}
     common.write_json(speed_file, measure(configs, cfg.arch.timed_rounds))
-  speed = common.read_json(speed_file)
-  rows = [{**row, **speed[row['model']]} for row in rows]
+  return common.read_json(speed_file)
+
+
+def run(cfg, out: str) -> list[dict]:
+  """Trains, times and writes the rows (OUT/arch_compare/rows.jsonl)."""
+  rows, speed = train(cfg, out), time_all(cfg, out)
+  rows = [{**row, **speed[model]} for model, row in rows.items()]
   common.write_jsonl(os.path.join(out, NAME, 'rows.jsonl'), rows)
   return rows
+
+
+def parts(cfg) -> list[tuple[str, object, object]]:
+  """`run`'s work as independent tasks for `run_all`: each trained model, then the timing (last,
+  so that it finds the trained models' programs in the compilation cache)."""
+  out = []
+  for entry in cfg.arch.models:
+    if dict(entry[2]).get('train', True):
+      part = ConfigDict(cfg.to_dict())
+      part.arch.models = (entry,)
+      out.append((label(entry[1], {k: v for k, v in entry[2].items() if k != 'train'}),
+                  train, part))
+  return out + [('timing', time_all, cfg)]
 
 
 def table(rows: list[dict]) -> str:

@@ -4,16 +4,18 @@ Each run goes through the trainer's own loop, `train.fit` (same model, fine-tuni
 optimizer, input pipeline, checks and seeds as `cnn_arch.main`), without what a sweep of dozens
 of tiny runs cannot afford: orbax checkpoints every run, and recompiling the step for every run.
 Compiled steps are kept per program shape (`_PROGRAMS`) and, across processes, in JAX's
-persistent compilation cache; evaluation images are decoded once per data view and each
-`init_from` checkpoint is restored once. A run is one
-directory holding `results.json` (written last, atomically) and `metrics.jsonl`; a directory
-that already holds `results.json` is not run again, so an interrupted sweep resumes where it
-stopped. Source-task pretraining, whose checkpoint the
-fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
+persistent compilation cache; evaluation images are decoded once per data view, the outputs of
+a frozen prefix on them are computed once per prefix (`prefix_eval_batches`), and each
+`init_from` checkpoint is restored once. A run is one directory holding `results.json` (written
+last, atomically) and `metrics.jsonl`; a directory that already holds `results.json` is not run
+again, so an interrupted sweep resumes where it stopped. Source-task pretraining, whose
+checkpoint the fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
 """
 
+import collections
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -21,32 +23,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
-from cnn_arch import checkpoint, input_pipeline, models, train
+from cnn_arch import checkpoint, datasets, feature_cache, input_pipeline, models, train
 from cnn_arch.train_setup import make_setup
 
 _PROGRAMS = {}  # program key -> (jitted train step, jitted eval step)
 _EVAL_DATA = {}  # data view key -> list of padded eval batches (numpy)
 _INIT_FNS = {}  # model key -> compiled `model.init`
 _PRETRAINED = {}  # checkpoint directory -> (variables, meta)
+_PREFIX_EVAL = collections.OrderedDict()  # (prefix values, view, split) -> eval batches of features
+_PREFIX_EVAL_SIZE = 4  # entries kept: a sweep's consecutive runs share one prefix
+_EXTRACTORS = {}  # (model key, stage) -> jitted inference up to that stage
 _PROGRESS_POSITION = None  # this process's line for its progress bar, when several share a terminal
-
-# XLA:CPU splits each op of these small networks over its thread pool, and a step then waits for
-# whichever thread the OS (or the input pipeline's threads) preempted; on a 2-core machine that
-# doubles some runs' step time at random. One thread per process runs as fast and steadily, and
-# `run_all` fills the other cores with other experiments.
-CPU_FLAGS = ('--xla_cpu_multi_thread_eigen=false', 'intra_op_parallelism_threads=1')
-
-
-def one_cpu_thread(environ=None):
-  """Adds `CPU_FLAGS` to XLA_FLAGS (inherited by child processes), except a flag XLA_FLAGS
-  already sets (an explicit setting wins); call before JAX first runs."""
-  environ = os.environ if environ is None else environ
-  flags = environ.get('XLA_FLAGS', '').split()
-  names = {f.split('=')[0] for f in flags}
-  environ['XLA_FLAGS'] = ' '.join(flags + [f for f in CPU_FLAGS if f.split('=')[0] not in names])
-
 
 def set_progress_position(position: int):
   global _PROGRESS_POSITION
@@ -110,18 +100,61 @@ def programs(s, config: ConfigDict, phase: int = 0, start: int = 0):
   return _PROGRAMS[key]
 
 
-def eval_batches(data: ConfigDict, batch_size: int, split: str | None = None) -> list[dict]:
-  """A split of a data view as padded evaluation batches, read and decoded once per process.
+def _eval_view(data: ConfigDict) -> dict:
+  """The data keys that decide evaluation batches: the training-view keys (per_class,
+  fraction, subset_seed) do not change evaluation splits."""
+  return {k: v for k, v in data.items() if k not in ('per_class', 'fraction', 'subset_seed')}
 
-  The training-view keys (per_class, fraction, subset_seed) do not change evaluation splits, so
-  every seed and target size of one task shares them.
-  """
-  view = {k: v for k, v in data.items() if k not in ('per_class', 'fraction', 'subset_seed')}
-  key = _key(view, batch_size, split)
+
+def eval_batches(data: ConfigDict, batch_size: int, split: str | None = None) -> list[dict]:
+  """A split of a data view as padded evaluation batches, read and decoded once per process and
+  shared by every seed and target size of one task (`_eval_view`)."""
+  key = _key(_eval_view(data), batch_size, split)
   if key not in _EVAL_DATA:
     _EVAL_DATA[key] = list(input_pipeline.eval_batches(data, global_batch_size=batch_size,
                                                        split=split))
   return _EVAL_DATA[key]
+
+
+def _prefix_digest(s, state, depth: int) -> str:
+  """A digest of the values of the first `depth` body stages (parameters and BatchNorm
+  statistics): runs whose frozen prefixes are equal, bit for bit, share its features."""
+  stages = s.plan.body[:depth]
+  digest = hashlib.sha256()
+  for tree in (state.params, state.batch_stats):
+    part = {k: v for k, v in tree.items() if s.plan.stage_of(k) in stages}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(train.host_value(part))[0]:
+      digest.update(jax.tree_util.keystr(path).encode())
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def prefix_eval_batches(s, config: ConfigDict, state, depth: int, split: str | None) -> list:
+  """`eval_batches` of `split` with each image replaced by the output of the first `depth`
+  stages of `state` (inference mode), computed once for all runs with the same prefix values.
+
+  Valid for a prefix that the run keeps frozen throughout (`plan.cached_prefix`): frozen stages
+  keep their parameters bit-identical and run on their BatchNorm running statistics, so their
+  output on an evaluation image is the same at every step.
+  """
+  key = (_prefix_digest(s, state, depth), _key(s.model_meta, s.image_size, depth,
+                                                _eval_view(config.data)), split)
+  if key not in _PREFIX_EVAL:
+    stage = s.plan.body[depth - 1]
+    fn_key = (_key(s.model_meta, s.image_size), stage)
+    if fn_key not in _EXTRACTORS:
+      _EXTRACTORS[fn_key] = feature_cache.extractor(s.model, stage, s.mesh,
+                                                    s.batch_sharding.spec)
+    extract = _EXTRACTORS[fn_key]
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    _PREFIX_EVAL[key] = [
+        dict(batch, image=np.asarray(extract(variables, train.to_global(batch['image'],
+                                                                        s.batch_sharding))))
+        for batch in eval_batches(config.data, config.train.eval_batch_size, split)]
+    while len(_PREFIX_EVAL) > _PREFIX_EVAL_SIZE:
+      _PREFIX_EVAL.popitem(last=False)
+  _PREFIX_EVAL.move_to_end(key)
+  return _PREFIX_EVAL[key]
 
 
 def _init_fn(s):
@@ -169,19 +202,20 @@ def evenly(num_evals: int) -> tuple[float, ...]:
 
 
 def run(config: ConfigDict, workdir: str, *, eval_at: tuple[float, ...] = (1.0,),
-        extra: dict | None = None):
+        extra: dict | None = None, keep_final: bool = False):
   """Trains and evaluates one configuration in `workdir` with the trainer's loop
   (`train.fit`), or returns its stored results.
 
-  No checkpoints; an evaluation at each fraction `eval_at` of the run, each an `{"split":
-  "eval", "step", "epoch", "top1", "loss"}` line of `metrics.jsonl`. Returns the results dict
-  (`extra` merged).
+  An evaluation at each fraction `eval_at` of the run, each an `{"split": "eval", "step",
+  "epoch", "top1", "loss"}` line of `metrics.jsonl`. No checkpoints, except with `keep_final`
+  the last step's (in WORKDIR/checkpoints, the trainer's format: another run's `init_from`).
+  Returns the results dict (`extra` merged).
   """
   done = os.path.join(workdir, 'results.json')
   if os.path.exists(done):
     return read_json(done)
   os.makedirs(workdir, exist_ok=True)
-  for stale in ('metrics.jsonl', 'tensorboard'):  # of a run killed before its results
+  for stale in ('metrics.jsonl', 'tensorboard', 'checkpoints'):  # of a run killed before its end
     path = os.path.join(workdir, stale)
     if os.path.isdir(path):
       shutil.rmtree(path)
@@ -189,11 +223,25 @@ def run(config: ConfigDict, workdir: str, *, eval_at: tuple[float, ...] = (1.0,)
       os.remove(path)
   t0 = time.perf_counter()
   s = make_setup(config)
-  return train.fit(
-      s, config, init_state(s, config), workdir, t0=t0,
-      programs=lambda phase, start: programs(s, config, phase, start),
-      evaluation=lambda split: eval_batches(config.data, config.train.eval_batch_size, split),
-      eval_steps=eval_steps(s.total_steps, eval_at), progress=False, extra=extra)
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=1) if keep_final else None
+  state = init_state(s, config)
+  # A prefix frozen throughout (and not already cached by the trainer, as it is without
+  # augmentation) is evaluated once for every run that has the same prefix; the run evaluates
+  # its other stages on those features.
+  depth = 0 if s.cache_stages or config.finetune.cache_features == 'off' else s.plan.cached_prefix
+  if depth:
+    steps = lambda phase, start: (programs(s, config, phase, start)[0],
+                                  programs(s, config, phase, depth)[1])
+    # Computed now: the train step donates `state`'s arrays.
+    features = {split: prefix_eval_batches(s, config, state, depth, split)
+                for split in {None, datasets.test_split(config.data)}}
+    evaluation = features.__getitem__
+  else:
+    steps = lambda phase, start: programs(s, config, phase, start)
+    evaluation = lambda split: eval_batches(config.data, config.train.eval_batch_size, split)
+  return train.fit(s, config, state, workdir, t0=t0, mngr=mngr, programs=steps,
+                   evaluation=evaluation, eval_steps=eval_steps(s.total_steps, eval_at),
+                   progress=False, extra=extra)
 
 
 def pretrain(config: ConfigDict, workdir: str) -> dict:
@@ -319,7 +367,6 @@ def main(experiment):
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    one_cpu_thread()
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     enable_compile_cache(os.path.join(out.value, 'jax_cache'))
     cfg = with_preset(flags.FLAGS['config'], preset.value) if preset.value else config.value

@@ -96,9 +96,8 @@ def _arch(out: str, figures: str) -> list[str]:
           'Every family trained from scratch on MNIST (10 classes, 200 training images each) '
           'with the same schedule; reduced widths and small inputs so that every family trains '
           'within the CPU budget. Images/s are medians over rounds in which every model\'s '
-          'train and eval steps take turns, on this machine, with XLA:CPU on one thread as in '
-          'every experiment (`experiments.common.CPU_FLAGS`; `run_all` runs another experiment '
-          'on the other cores meanwhile).', '',
+          'train and eval steps take turns, on this machine, while `run_all` runs other tasks '
+          'in another process.', '',
           arch_compare.table(rows), '', arch_compare.resnext_finding(rows), '']
 
 

@@ -10,10 +10,12 @@ directory holding results.json) are not redone, so after an interruption the sam
 continues; compiled programs persist in OUT/jax_cache. `--only=freeze_sweep,features_l2` runs
 a subset (the report covers what exists).
 
-The experiments run in `--jobs` processes at once (default: one per CPU core), each with
-XLA:CPU on one thread (`common.CPU_FLAGS`): a second thread speeds these small networks' steps
-up by less than it costs when it is preempted. Results do not depend on `--jobs`; timings do
-(the architecture comparison's models take turns, so they share one load).
+The work runs in `--jobs` processes at once (default: one per CPU core) as tasks, longest
+first, each taken by the first free process: the source networks, then each experiment, the
+longer ones in independent parts (`parts(cfg)` of scratch_vs_pretrained and arch_compare); an
+experiment split into parts is run whole afterwards, which finds every run finished and writes
+its rows. Results do not depend on `--jobs`; timings do (the architecture comparison's models
+take turns, so they share one load).
 """
 
 import concurrent.futures
@@ -34,10 +36,30 @@ EXPERIMENTS = {
 }
 
 
-# Submission order, longest first: each job goes to the first free process. Whichever
-# experiment needs the BatchNorm source network first pretrains it; the others wait for it.
-_ORDER = (arch_compare.NAME, scratch_vs_pretrained.NAME, freeze_sweep.NAME, transfer_arms.NAME,
-          surgical.NAME, features_l2.NAME)
+# Experiments in submission order, longest first. `tasks` puts the source networks before them,
+# so that no experiment waits for another process to pretrain one (`common.pretrain` locks it).
+_ORDER = (freeze_sweep.NAME, transfer_arms.NAME, scratch_vs_pretrained.NAME, surgical.NAME,
+          arch_compare.NAME, features_l2.NAME)
+_PARTS = {scratch_vs_pretrained.NAME: scratch_vs_pretrained.parts,
+          arch_compare.NAME: arch_compare.parts}
+_USES_SOURCE = (freeze_sweep.NAME, transfer_arms.NAME, features_l2.NAME)  # the BatchNorm one
+
+
+def tasks(cfg, names) -> list[tuple[str, str, object, tuple]]:
+  """(timing key, part label, function, its arguments but OUT) of every task, in order."""
+  norms = list(cfg.scratch.norms) if scratch_vs_pretrained.NAME in names else []
+  if set(_USES_SOURCE) & set(names):
+    norms = ['batch'] + [n for n in norms if n != 'batch']
+  out = [] if cfg.init_from else [(f'pretrain_{norm}', '', _pretrain, (cfg, norm))
+                                  for norm in norms]
+  for name in names:
+    parts = _PARTS[name](cfg) if name in _PARTS else [('', EXPERIMENTS[name], cfg)]
+    out += [(name, label, fn, (part,)) for label, fn, part in parts]
+  return out
+
+
+def _pretrain(cfg, norm: str, out: str):
+  common.pretrained(cfg, out, norm)
 
 
 def _worker_init(positions, cache_dir: str):
@@ -47,9 +69,9 @@ def _worker_init(positions, cache_dir: str):
   common.set_progress_position(positions.get())
 
 
-def _experiment(name: str, cfg, out: str) -> float:
+def _task(fn, args: tuple, out: str) -> float:
   t = time.perf_counter()
-  EXPERIMENTS[name](cfg, out)
+  fn(*args, out)
   return time.perf_counter() - t
 
 
@@ -66,33 +88,42 @@ def run_all(cfg, out: str, only: tuple[str, ...] = (), jobs: int = 1) -> str:
   done = os.path.join(out, 'timings.json')
   timings = common.read_json(done) if os.path.exists(done) else {}  # keep what --only skips
   names = [name for name in _ORDER if not only or name in only]
-  jobs = min(jobs, len(names))
+  todo = tasks(cfg, names)
+  for key in {key for key, *_ in todo}:
+    timings[key] = 0.0
   t0 = time.perf_counter()
+
+  def finished(task, seconds: float):
+    key, label = task[:2]
+    timings[key] += seconds
+    print(f'{key}{" " + label if label else ""}: {seconds:.0f} s', flush=True)
+
   if jobs == 1:
-    for name in names:
-      timings[name] = _experiment(name, cfg, out)
-      print(f'{name}: {timings[name]:.0f} s', flush=True)
+    for task in todo:
+      finished(task, _task(*task[2:], out))
   else:
     # Spawned, not forked: a fork would copy this process's JAX and TensorFlow thread state.
     context = multiprocessing.get_context('spawn')
     positions = context.Queue()
-    for i in range(jobs):
+    for i in range(min(jobs, len(todo))):
       positions.put(i)
     # Processes sharing a GPU must not each reserve most of its memory.
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     with concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init,
+        min(jobs, len(todo)), mp_context=context, initializer=_worker_init,
         initargs=(positions, os.path.join(out, 'jax_cache'))) as pool:
-      futures = {pool.submit(_experiment, name, cfg, out): name for name in names}
+      futures = {pool.submit(_task, *task[2:], out): task for task in todo}
       for future in concurrent.futures.as_completed(futures):
-        name = futures[future]
         try:
-          timings[name] = future.result()
+          seconds = future.result()
         except BaseException:
           for other in futures:  # the running ones finish (their runs are kept), no new ones
             other.cancel()
           raise
-        print(f'{name}: {timings[name]:.0f} s', flush=True)
+        finished(futures[future], seconds)
+  for name in names:  # gathers the rows of the experiments that ran in parts
+    if name in _PARTS:
+      timings[name] += _task(EXPERIMENTS[name], (cfg,), out)
   timings['wall'] = time.perf_counter() - t0
   path = report.render(out)
   common.write_json(done, timings)

@@ -17,6 +17,8 @@ difference paired over seeds (the seeds of both inits share target subset and da
 
 import os
 
+from ml_collections import ConfigDict
+
 from experiments import common, stats
 
 NAME = 'scratch_vs_pretrained'
@@ -56,6 +58,16 @@ def run(cfg, out: str) -> tuple[list[dict], list[dict]]:
   common.write_jsonl(os.path.join(out, NAME, 'runs.jsonl'), rows)
   common.write_jsonl(os.path.join(out, NAME, 'curves.jsonl'), curves)
   return rows, curves
+
+
+def parts(cfg) -> list[tuple[str, object, object]]:
+  """`run`'s work as independent tasks for `run_all`: one per norm."""
+  out = []
+  for norm in cfg.scratch.norms:
+    part = ConfigDict(cfg.to_dict())
+    part.scratch.norms = (norm,)
+    out.append((f'norm={norm}', run, part))
+  return out
 
 
 def gaps(rows: list[dict]) -> list[dict]:

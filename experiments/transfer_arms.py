@@ -40,8 +40,6 @@ def arm_config(cfg, arm: str, depth: int, seed: int, source: str = '', base_b: s
                                 depth=frozen, init_from=init_from)
   if init_from:
     config.finetune.copy_depth = depth
-  else:  # trained by `train_and_evaluate`: one evaluation, at the end, as `common.run` does
-    config.train.eval_every_epochs = config.train.num_epochs
   return config
 
 
@@ -51,7 +49,7 @@ def run(cfg, out: str) -> list[dict]:
   per_class, base, rows = cfg.transfer.per_class, {}, []
   for seed in common.progress(cfg.transfer.seeds, f'{NAME} (base B)'):
     base[seed] = os.path.join(out, NAME, 'base', f's{seed}')
-    result = common.pretrain(arm_config(cfg, 'base B', 0, seed), base[seed])
+    result = common.run(arm_config(cfg, 'base B', 0, seed), base[seed], keep_final=True)
     rows.append(_row('base B', 0, seed, result, per_class))
   jobs = [(arm, depth, seed) for depth in cfg.transfer.depths for arm in ARMS
           for seed in cfg.transfer.seeds]

@@ -312,6 +312,48 @@ def test_programs_are_shared_by_runs_that_differ_only_in_init_seed_or_size():
   assert get(warm[0]) is not get(warm[1])
 
 
+def test_frozen_prefix_is_evaluated_once_per_prefix_and_gives_the_plain_numbers(tmp_path):
+  """Runs from one checkpoint (`keep_final`) with the same frozen prefix share its evaluation
+  features; each run's numbers equal those of the plain path (cache_features=off), to float32
+  rounding of the same sums."""
+  cfg = tiny_config()
+  base = common.run(common.target_config(cfg, per_class=5, seed=0, steps=2),
+                    str(tmp_path / 'base'), keep_final=True)
+  assert os.path.isdir(tmp_path / 'base' / 'checkpoints' / '2')
+  common._PREFIX_EVAL.clear()
+  runs = [common.target_config(cfg, per_class=5, seed=seed, steps=2, depth=2,
+                               init_from=str(tmp_path / 'base')) for seed in (0, 1)]
+  cached = [common.run(c, str(tmp_path / f'cached{i}')) for i, c in enumerate(runs)]
+  assert len(common._PREFIX_EVAL) == 2  # validation and test, shared by both seeds
+  assert {k[-1] for k in common._PREFIX_EVAL} == {None, 'test'}
+  for i, c in enumerate(runs):
+    c.finetune.cache_features = 'off'
+    plain = common.run(c, str(tmp_path / f'plain{i}'))
+    for key in ('top1', 'test_top1', 'num_eval'):
+      assert cached[i][key] == plain[key]
+    for key in ('loss', 'test_loss'):
+      assert cached[i][key] == pytest.approx(plain[key], rel=1e-5)
+  assert len(common._PREFIX_EVAL) == 2
+  assert base['num_eval'] == cached[0]['num_eval'] == 1009  # validation[:2000] of digits 5-9
+
+
+def test_run_all_tasks_pretrain_first_and_split_the_long_experiments():
+  cfg = digits.get_config()
+  todo = run_all.tasks(cfg, run_all._ORDER)
+  labels = [(key, label) for key, label, *_ in todo]
+  assert labels[:2] == [('pretrain_batch', ''), ('pretrain_group', '')]
+  assert labels.count(('freeze_sweep', '')) == 1
+  assert [l for k, l in labels if k == 'scratch_vs_pretrained'] == ['norm=batch', 'norm=group']
+  arch = [l for k, l in labels if k == 'arch_compare']
+  assert len(arch) == 6 and arch[-1] == 'timing' and 'googlenet' in arch
+  part = dict(((k, l), args) for k, l, _, args in todo)[('arch_compare', 'googlenet')][0]
+  assert [m[1] for m in part.arch.models] == ['googlenet']
+  only = run_all.tasks(cfg, (svp.NAME,))
+  assert [(k, l) for k, l, *_ in only][:2] == [('pretrain_batch', ''), ('pretrain_group', '')]
+  cfg.init_from = '/some/checkpoint'
+  assert [k for k, *_ in run_all.tasks(cfg, (freeze_sweep.NAME,))] == ['freeze_sweep']
+
+
 def _arch_row(model, macs, train, infer):
   return dict(family=model[:6], model=model, width=0.125, image_size=16, params=1e5, macs=macs,
               train_img_s=train, infer_img_s=infer, top1=0.9, epochs=6.4,
@@ -458,22 +500,11 @@ def _fields(rows):
   return [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
 
 
-def test_one_cpu_thread_adds_its_flags_once_and_keeps_explicit_settings():
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  common.one_cpu_thread(env)
-  common.one_cpu_thread(env)
-  assert env['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2', *common.CPU_FLAGS]
-  env = {'XLA_FLAGS': 'intra_op_parallelism_threads=4'}
-  common.one_cpu_thread(env)
-  assert env['XLA_FLAGS'].split() == ['intra_op_parallelism_threads=4',
-                                      '--xla_cpu_multi_thread_eigen=false']
-
-
 def test_run_all_in_two_processes_gives_the_results_of_one(tmp_path):
   """Two worker processes share one source pretraining (the second waits for its lock) and give
   the same numbers, bit for bit, as one process running the experiments in turn."""
   code = ('import sys; sys.path.insert(0, "tests"); from experiments import common, run_all; '
-          'from test_experiments import tiny_config; common.one_cpu_thread(); '
+          'from test_experiments import tiny_config; '
           'only = ("freeze_sweep", "features_l2"); '
           'run_all.run_all(tiny_config(), sys.argv[1], only, jobs=2); '
           'run_all.run_all(tiny_config(), sys.argv[2], only, jobs=1)')
@@ -482,7 +513,7 @@ def test_run_all_in_two_processes_gives_the_results_of_one(tmp_path):
                  cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
   for out in (two, one):
     assert sorted(common.read_json(os.path.join(out, 'timings.json'))) == [
-        'features_l2', 'freeze_sweep', 'wall']
+        'features_l2', 'freeze_sweep', 'pretrain_batch', 'wall']
   sweep = [common.read_jsonl(os.path.join(out, freeze_sweep.NAME, 'runs.jsonl'))
            for out in (two, one)]
   assert len(sweep[0]) == 2 and _fields(sweep[0]) == _fields(sweep[1])

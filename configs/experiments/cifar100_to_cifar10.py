@@ -19,6 +19,7 @@ def _cifar(c, name: str):
   c.model.options = digits.config.ConfigDict(dict(norm='batch', width=1.0, cifar_stem=True))
   c.data.name = name
   c.data.classes = None
+  c.data.eval_split = None  # `validation` where the dataset has one, else `test`
   c.data.image_size = 32
   c.data.download = False
   c.train.batch_size = 128

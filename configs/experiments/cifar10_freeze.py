@@ -28,6 +28,7 @@ def get_config(arg=None):
   t.model.options = digits.config.ConfigDict(dict(norm='batch'))
   t.data.name = 'cifar10'
   t.data.classes = None
+  t.data.eval_split = None  # `validation` where the dataset has one, else `test`
   t.data.image_size = 224
   t.data.download = False  # fail at once with the tfds build command if it is missing
   t.train.batch_size = 64
