@@ -105,12 +105,7 @@ def build(s, config: ConfigDict, state) -> Cache:
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   batch_size = config.train.eval_batch_size
 
-  def features(batch):
-    out = extract(variables, jax.make_array_from_process_local_data(s.batch_sharding,
-                                                                     batch['image']))
-    return np.asarray(multihost_utils.global_array_to_host_local_array(
-        out, s.mesh, s.batch_sharding.spec))
-
+  features = lambda batch: host_outputs(s, extract, variables, batch['image'])
   index, feats = [], []
   for batch in input_pipeline.eval_batches(config.data, global_batch_size=batch_size,
                                            split=config.data.train_split, train_view=True):
@@ -121,6 +116,14 @@ def build(s, config: ConfigDict, state) -> Cache:
                 input_pipeline.eval_batches(config.data, global_batch_size=batch_size)]
   return Cache(stages=s.cache_stages, train_index=np.concatenate(index),
                train=np.concatenate(feats), eval=evaluation, seconds=time.perf_counter() - t0)
+
+
+def host_outputs(s, extract, variables, images: np.ndarray) -> np.ndarray:
+  """This host's rows of `extract(variables, images)`, `images` being this host's share of a
+  global batch."""
+  out = extract(variables, jax.make_array_from_process_local_data(s.batch_sharding, images))
+  return np.asarray(multihost_utils.global_array_to_host_local_array(
+      out, s.mesh, s.batch_sharding.spec))
 
 
 def extractor(model, stage: str, mesh, batch_spec):

@@ -88,12 +88,17 @@ def measure(configs: dict, rounds: int) -> dict:
           for name, f in facts.items()}
 
 
+def _options(options) -> tuple[dict, bool]:
+  """A `cfg.arch.models` entry's options without `train`, and whether the model is trained."""
+  options = dict(options)
+  return options, options.pop('train', True)
+
+
 def _models(cfg, out: str):
   """(family, trainer config, workdir, model label, trained?) of every model of
   `cfg.arch.models`."""
   for family, name, options in cfg.arch.models:
-    options = dict(options)
-    trained = options.pop('train', True)
+    options, trained = _options(options)
     workdir = os.path.join(out, NAME, 'runs', label(name, options).replace('=', '-'))
     yield family, trainer_config(cfg, name, options), workdir, label(name, options), trained
 
@@ -135,11 +140,11 @@ def parts(cfg) -> list[tuple[str, object, object]]:
   so that it finds the trained models' programs in the compilation cache)."""
   out = []
   for entry in cfg.arch.models:
-    if dict(entry[2]).get('train', True):
+    options, trained = _options(entry[2])
+    if trained:
       part = ConfigDict(cfg.to_dict())
       part.arch.models = (entry,)
-      out.append((label(entry[1], {k: v for k, v in entry[2].items() if k != 'train'}),
-                  train, part))
+      out.append((label(entry[1], options), train, part))
   return out + [('timing', time_all, cfg)]
 
 

@@ -148,8 +148,7 @@ def prefix_eval_batches(s, config: ConfigDict, state, depth: int, split: str | N
     extract = _EXTRACTORS[fn_key]
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     _PREFIX_EVAL[key] = [
-        dict(batch, image=np.asarray(extract(variables, train.to_global(batch['image'],
-                                                                        s.batch_sharding))))
+        dict(batch, image=feature_cache.host_outputs(s, extract, variables, batch['image']))
         for batch in eval_batches(config.data, config.train.eval_batch_size, split)]
     while len(_PREFIX_EVAL) > _PREFIX_EVAL_SIZE:
       _PREFIX_EVAL.popitem(last=False)

@@ -147,6 +147,6 @@ def get_config(arg=None):
     # He et al.'s large-target end: 1,000/class, schedules up to 8x of 2 epochs at that size.
     c.scratch.per_class, c.scratch.schedules, c.scratch.steps_1x = (20, 1000), (1, 2, 4, 8), 400
     c.scratch.seeds = seeds[:5]
-    for trainer_config in (c.source, c.target, c.surgical.source, c.arch):
-      trainer_config.data.eval_split = 'validation'
+    for section in (c.source, c.target, c.surgical.source, c.arch):
+      section.data.eval_split = 'validation'
   return c
