@@ -135,10 +135,12 @@ def _out_of_space(e: BaseException | None) -> bool:
   return False
 
 
-def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train: Any):
+def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train: Any,
+                  learning_rate: float):
   """Restores `(variables, train, meta)` of `step` into the given abstract (sharded) trees.
 
-  A train item written in the optimizer layout of `optim.from_legacy` is converted to `train`'s.
+  A train item written in an optimizer layout of `optim.from_legacy` is converted to `train`'s
+  (`learning_rate`: the config's, which that layout did not store).
   """
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
@@ -152,18 +154,19 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, variables: Any, train:
       variables=ocp.args.StandardRestore(variables), train=ocp.args.StandardRestore(),
       meta=ocp.args.JsonRestore()))
   raw = restored['train']
-  opt_state = optim.from_legacy(raw['opt_state'], train['opt_state'])
+  opt_state = optim.from_legacy(raw['opt_state'], train['opt_state'], learning_rate)
   place = lambda x, like: jax.device_put(np.asarray(x), like.sharding)
   converted = {'step': place(raw['step'], train['step']), 'rng': place(raw['rng'], train['rng']),
                'opt_state': jax.tree.map(place, opt_state, train['opt_state'])}
   return restored['variables'], converted, restored['meta']
 
 
-def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any):
+def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any,
+                   learning_rate: float):
   """`(step, variables, train)` of the newest readable step, or None if there is none.
 
   `train` is the abstract train state, or a function of the step that gives it (the optimizer
-  state of a fine-tuning phase has that phase's shape).
+  state of a fine-tuning phase has that phase's shape); `learning_rate` as in `restore_state`.
 
   A step that fails to read (a disk error, a file deleted by hand) is reported and moved to
   `<directory>.unreadable/` for inspection, so the run can write that step again; the one before
@@ -172,7 +175,7 @@ def restore_latest(mngr: ocp.CheckpointManager, variables: Any, train: Any):
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored_variables, restored_train, _ = restore_state(
-          mngr, step, variables, train(step) if callable(train) else train)
+          mngr, step, variables, train(step) if callable(train) else train, learning_rate)
       return step, restored_variables, restored_train
     except Exception as e:  # orbax raises many types (ValueError, FileNotFoundError, ...)
       aside = _set_aside(mngr, step)

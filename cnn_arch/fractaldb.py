@@ -256,6 +256,15 @@ class Fractaldb(tfds.core.GeneratorBasedBuilder):
       yield int(i), {'image': images[i], 'label': labels[i], 'id': np.int32(i)}
 
 
+def builder_config(name: str) -> FractaldbConfig:
+  """The config of a dataset name: 'fractaldb' (the default, c10_m600_s32) or 'fractaldb/NAME'."""
+  configs = {c.name: c for c in Fractaldb.BUILDER_CONFIGS}
+  key = name.partition('/')[2] or Fractaldb.BUILDER_CONFIGS[0].name
+  if key not in configs:
+    raise ValueError(f'Unknown fractaldb config {key!r}; choose one of {sorted(configs)}.')
+  return configs[key]
+
+
 def main():
   parser = argparse.ArgumentParser(description='Draw a grid of fractaldb samples.')
   parser.add_argument('--out', default='fractaldb_grid.png')

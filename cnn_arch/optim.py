@@ -13,6 +13,7 @@ change keeps the state of every key that stays trained (`carry_over`).
 """
 
 import jax
+import numpy as np
 import optax
 from ml_collections import ConfigDict
 
@@ -20,9 +21,10 @@ from cnn_arch.config import OPTIMIZERS, SCHEDULES
 from cnn_arch.finetune import FROZEN, Plan
 
 
-def schedule(cfg: ConfigDict, steps_per_epoch: int, total_steps: int):
-  """Linear warm-up, then cosine decay to 0, step decay by `step_factor`, or constant."""
-  peak = cfg.learning_rate
+def schedule(cfg: ConfigDict, steps_per_epoch: int, total_steps: int, peak: float | None = None):
+  """Linear warm-up, then cosine decay to 0, step decay by `step_factor`, or constant, from
+  `peak` (default `cfg.learning_rate`)."""
+  peak = cfg.learning_rate if peak is None else peak
   warmup = int(cfg.warmup_epochs * steps_per_epoch)
   if cfg.schedule == 'cosine':
     main = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
@@ -64,8 +66,12 @@ def make(cfg: ConfigDict, plan: Plan, params, phase: int, steps_per_epoch: int,
   frozen = plan.frozen_keys(phase)
   transforms = {FROZEN: optax.set_to_zero()}
   transforms.update({k: _direction(cfg, plan.key_lr_mult(k)) for k in params if k not in frozen})
+  # The schedule's shape is compiled in, its peak is a value of the optimizer state: runs that
+  # differ only in the learning rate (a learning-rate grid) share one compiled step.
   tx = optax.chain(optax.multi_transform(transforms, plan.labels(params, phase)),
-                   optax.scale_by_learning_rate(schedule(cfg, steps_per_epoch, total_steps)))
+                   optax.scale_by_schedule(schedule(cfg, steps_per_epoch, total_steps, peak=1.0)),
+                   optax.inject_hyperparams(optax.scale_by_learning_rate)(
+                       learning_rate=cfg.learning_rate))
   if cfg.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
   return tx
@@ -91,11 +97,12 @@ def _names(path) -> tuple:
   return tuple(getattr(p, 'key', getattr(p, 'name', getattr(p, 'idx', None))) for p in path)
 
 
-def from_legacy(raw, abstract):
-  """An optimizer state saved in the earlier layout (one transformation per 'frozen' /
-  'backbone' / 'head' label, each with its own schedule count), as a tree like `abstract`, the
-  current layout: every moment found by its field and parameter path, every count from the
-  head's (all labels counted the same steps)."""
+def from_legacy(raw, abstract, learning_rate: float):
+  """An optimizer state saved in an earlier layout (one transformation per 'frozen' /
+  'backbone' / 'head' label, each with its own schedule count; or the schedule with its peak
+  compiled in), as a tree like `abstract`, the current layout: every moment found by its field
+  and parameter path, every count from the head's (all labels counted the same steps), the
+  peak learning rate from the config (a workdir refuses a changed config)."""
   moments, count = {}, None
   for path, value in jax.tree_util.tree_flatten_with_path(raw)[0]:
     names = _names(path)
@@ -116,6 +123,8 @@ def from_legacy(raw, abstract):
       return moments[key]
     if names[-1] == 'count':
       return count
+    if 'hyperparams' in names and names[-1] == 'learning_rate':
+      return np.asarray(learning_rate, leaf.dtype)
     raise ValueError(f'The checkpoint\'s optimizer state has no {jax.tree_util.keystr(path)}: '
                      'it was written for another optimizer. Fix: resume with the optimizer '
                      'settings it was written with, or start a fresh workdir.')

@@ -237,7 +237,8 @@ def restore_or_init(s: Setup, config: ConfigDict, mngr) -> TrainState:
   variables, _ = _split(abstract_state(s))
   # The optimizer state has the shape of its step's phase.
   restored = checkpoint.restore_latest(
-      mngr, variables, lambda step: _split(abstract_state(s, s.plan.phase_at(step)))[1])
+      mngr, variables, lambda step: _split(abstract_state(s, s.plan.phase_at(step)))[1],
+      config.optim.learning_rate)
   if restored is None:
     return jax.device_put(init_state(s, config), s.replicated)
   step, variables, train = restored

@@ -8,7 +8,8 @@ persistent compilation cache; evaluation images are decoded once per data view, 
 a frozen prefix on them are computed once per prefix (`prefix_eval_batches`), and each
 `init_from` checkpoint is restored once. A run is one directory holding `results.json` (written
 last, atomically) and `metrics.jsonl`; a directory that already holds `results.json` is not run
-again, so an interrupted sweep resumes where it stopped. Source-task pretraining, whose
+again, so an interrupted sweep resumes where it stopped. `run_tuned` runs a sweep's arms each
+at the learning rate it selects on validation from a small grid. Source-task pretraining, whose
 checkpoint the fine-tuning runs start from, goes through `train.train_and_evaluate` itself.
 """
 
@@ -88,10 +89,12 @@ def programs(s, config: ConfigDict, phase: int = 0, start: int = 0):
   """
   # What the compiled steps depend on (`train.parallel_steps`), and nothing else: runs that
   # differ only in their initialisation (scratch or pretrained, AnB or BnB), their seed or
-  # their epoch length (without a warm-up or step decay) share programs.
+  # their epoch length (without a warm-up or step decay) or their learning rate (a value of the
+  # optimizer state, `optim.make`) share programs.
   plan = s.plan
   epoch = s.steps_per_epoch if config.optim.warmup_epochs or config.optim.schedule == 'step' else 0
-  key = _key(config.model, s.model_meta['num_classes'], config.optim,
+  optim = {k: v for k, v in config.optim.items() if k != 'learning_rate'}  # a state value
+  key = _key(config.model, s.model_meta['num_classes'], optim,
              config.train.on_nonfinite, config.train.batch_size, config.train.eval_batch_size,
              s.image_size, s.total_steps, epoch, plan.frozen_keys(phase), plan.model_frozen(phase),
              [(k, plan.key_lr_mult(k)) for k in plan.keys], phase, start)
@@ -243,6 +246,68 @@ def run(config: ConfigDict, workdir: str, *, eval_at: tuple[float, ...] = (1.0,)
                    progress=False, extra=extra)
 
 
+def with_lr(config: ConfigDict, lr: float) -> ConfigDict:
+  config = ConfigDict(config.to_dict())
+  config.optim.learning_rate = lr
+  return config
+
+
+def tuning(cfg: ConfigDict, experiment: str) -> ConfigDict:
+  """`cfg.tune` for an experiment that `tune.experiments` names; else the configured rate alone."""
+  if experiment in cfg.tune.experiments:
+    return cfg.tune
+  return ConfigDict(dict(factors=(1.0,), seeds=1, experiments=()))
+
+
+def run_tuned(jobs: list[tuple], tune: ConfigDict, runs_dir: str, desc: str,
+              **run_kwargs) -> tuple[list[tuple[dict, dict, str]], list[dict]]:
+  """Runs `jobs` at the learning rate each cell selects on validation.
+
+  `jobs`: (cell, name, config, fields[, run keyword arguments]) tuples; the jobs of one cell
+  are the seeds (and schedules) of one arm. The grid is `tune.factors` times each config's
+  `optim.learning_rate`. The first `tune.seeds` jobs of every cell run at every rate of the
+  grid; the cell takes the rate of highest mean validation top-1 (ties: the first factor; a run
+  that diverges counts as failed), and its other jobs run at that rate only (the selection runs
+  at it are reused). Workdirs are RUNS_DIR/NAME_lrLR, so a resumed sweep skips both kinds.
+  Returns ((fields + 'lr', results, workdir) per job in order, the grid's rows: fields + 'lr',
+  'val_top1', None when diverged).
+  """
+  factors = tuple(tune.factors)
+  if not factors or any(not isinstance(f, (int, float)) or f <= 0 for f in factors):
+    raise ValueError(f'tune.factors={factors!r}: give one or more positive multiples of the '
+                     'configured learning rate, e.g. --config.tune.factors="(0.25, 1.0, 4.0)", '
+                     'or (1.0,) for the configured rate alone.')
+  if not isinstance(tune.seeds, int) or tune.seeds < 1:
+    raise ValueError(f'tune.seeds={tune.seeds!r}: the number of seeds per cell that run the '
+                     'learning-rate grid must be an integer >= 1.')
+  cells = {}
+  for job in jobs:
+    cells.setdefault(job[0], []).append(job)
+  workdir = lambda name, lr: os.path.join(runs_dir, f'{name}_lr{lr:.4g}')
+  rates = lambda config: [f * config.optim.learning_rate for f in factors]
+  kwargs = lambda job: {**run_kwargs, **(job[4] if len(job) > 4 else {})}
+  grid, scores = [], {}
+  selection = [(job, lr) for cell_jobs in cells.values() for job in cell_jobs[:tune.seeds]
+               for lr in rates(job[2])]
+  for job, lr in progress(selection, f'{desc} (lr grid)'):
+    cell, name, config, fields = job[:4]
+    try:
+      top1 = run(with_lr(config, lr), workdir(name, lr), **kwargs(job))['top1']
+    except FloatingPointError:
+      top1 = None
+    grid.append({**fields, 'lr': lr, 'val_top1': top1})
+    scores.setdefault(cell, {}).setdefault(lr, []).append(-1.0 if top1 is None else top1)
+  chosen = {cell: max(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+            for cell, by_lr in scores.items()}
+  out = []
+  for job in progress(jobs, desc):
+    cell, name, config, fields = job[:4]
+    lr = chosen[cell]
+    out.append(({**fields, 'lr': lr},
+                run(with_lr(config, lr), workdir(name, lr), **kwargs(job)), workdir(name, lr)))
+  return out, grid
+
+
 def pretrain(config: ConfigDict, workdir: str) -> dict:
   """Source-task training through the trainer itself (checkpoints, resumption, results.json).
 
@@ -301,18 +366,20 @@ def target_config(cfg: ConfigDict, *, per_class: int, seed: int, steps: int, dep
   return steps_for(c, steps)
 
 
-def pretrained(cfg: ConfigDict, out: str, norm: str = 'batch') -> str:
-  """The checkpoint the target runs start from: `cfg.init_from`, or `cfg.source` trained once."""
-  if cfg.init_from:
+def pretrained(cfg: ConfigDict, out: str, norm: str = 'batch', source: str = 'source') -> str:
+  """The checkpoint the target runs start from: `cfg.init_from`, or the `source` section
+  (`cfg.source`, or another source task such as `cfg.fractaldb`) trained once per norm."""
+  if cfg.init_from and source == 'source':
     if norm != cfg.target.model.options.get('norm', 'batch'):
       raise ValueError(f'init_from={cfg.init_from} holds one network; there is no {norm!r} '
                        'variant of it. Drop that norm from the experiment config, or set '
                        'init_from to \'\' and configure `source` to pretrain one per norm.')
     return cfg.init_from
-  source = ConfigDict(cfg.source.to_dict())
-  source.model.options.norm = norm
-  workdir = os.path.join(out, f'pretrain_{norm}')
-  pretrain(source, workdir)
+  config = ConfigDict(cfg[source].to_dict())
+  config.model.options.norm = norm
+  workdir = os.path.join(out, f'pretrain_{norm}' if source == 'source' else
+                         f'pretrain_{source}_{norm}')
+  pretrain(config, workdir)
   return workdir
 
 
@@ -325,6 +392,11 @@ def stage_names(trainer_config: ConfigDict) -> tuple[str, ...]:
 def size_label(per_class: int, num_train: int) -> str:
   """A target size as the tables write it: '20/class (100)', or 'all (27000)' for per_class 0."""
   return f'{per_class}/class ({num_train})' if per_class else f'all ({num_train})'
+
+
+def lr_label(lr: float | None) -> str:
+  """' (lr 0.05)' after a table cell: the learning rate its runs used; '' when not recorded."""
+  return f' (lr {lr:g})' if lr is not None else ''
 
 
 def progress(iterable, desc: str):

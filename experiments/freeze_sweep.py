@@ -9,9 +9,12 @@ networks?") the network is pretrained once on a source task (digits 0-4 by defau
 fine-tuned on a target task (digits 5-9) with its first k stages frozen, for every k from 0
 (tune everything) to the largest (train the head alone), at several target sizes
 (N examples per class) and seeds. The head starts fresh at every depth (`common.target_config`
-copies the body alone), so the deepest trains a new linear head on frozen features. The best
-depth per size is chosen on the validation split; the test split gives every reported number.
-Writes OUT/freeze_sweep/runs.jsonl (one line per run, `val_top1` and test `top1`); `summarize`,
+copies the body alone), so the deepest trains a new linear head on frozen features. Each
+(size, depth) runs at the learning rate it selects on validation (`common.run_tuned`: a head on
+frozen features wants another rate than full fine-tuning), and the best depth per size is
+chosen on validation too; the test split gives every reported number. Writes
+OUT/freeze_sweep/runs.jsonl (one line per run, `lr`, `val_top1` and test `top1`) and
+lr_grid.jsonl (the validation scores of the grid); `summarize`,
 `table`, `findings` and `plot` turn it into the report's table, sentences (paired over seeds,
 `experiments.stats`) and figure.
 """
@@ -24,7 +27,8 @@ NAME = 'freeze_sweep'
 
 
 def runs(cfg, init_from: str):
-  """(workdir name, trainer config, row fields) of every run of the sweep."""
+  """(cell, workdir name, trainer config, row fields) of every run of the sweep; a cell is
+  one (target size, depth), its runs the seeds."""
   names = common.stage_names(cfg.target)
   depths = tuple(cfg.freeze.depths) or tuple(range(len(names)))
   for per_class in cfg.freeze.per_class:
@@ -34,24 +38,26 @@ def runs(cfg, init_from: str):
                                       steps=cfg.freeze.steps, init_from=init_from)
         fields = dict(per_class=per_class, depth=depth, seed=seed,
                       frozen=','.join(names[:depth]) or '-')
-        yield f'n{per_class}_d{depth}_s{seed}', config, fields
+        yield (per_class, depth), f'n{per_class}_d{depth}_s{seed}', config, fields
 
 
 def run(cfg, out: str) -> list[dict]:
-  """Pretrains (once), runs the sweep (skipping finished runs), writes and returns the rows."""
+  """Pretrains (once), runs the sweep at each cell's learning rate (`common.run_tuned`;
+  finished runs are skipped), writes and returns the rows."""
   init_from = common.pretrained(cfg, out)
-  rows = []
-  for name, config, fields in common.progress(list(runs(cfg, init_from)), NAME):
-    result = common.run(config, os.path.join(out, NAME, 'runs', name))
-    rows.append({**fields, 'num_train': result['num_train'], 'val_top1': result['top1'],
-                 'top1': result['test_top1'], 'seconds': result['wall_seconds']})
+  done, grid = common.run_tuned(list(runs(cfg, init_from)), common.tuning(cfg, NAME),
+                                os.path.join(out, NAME, 'runs'), NAME)
+  rows = [{**fields, 'num_train': result['num_train'], 'val_top1': result['top1'],
+           'top1': result['test_top1'], 'seconds': result['wall_seconds']}
+          for fields, result, _ in done]
   common.write_jsonl(os.path.join(out, NAME, 'runs.jsonl'), rows)
+  common.write_jsonl(os.path.join(out, NAME, 'lr_grid.jsonl'), grid)
   return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-  """Per (per_class, depth), sorted: test top-1 over seeds (`interval`, `by_seed`) and the
-  mean validation top-1 that selects the best depth."""
+  """Per (per_class, depth), sorted: test top-1 over seeds (`interval`, `by_seed`), the mean
+  validation top-1 that selects the best depth, and the learning rate (`lr`) the cell chose."""
   groups = {}
   for r in rows:
     groups.setdefault((r['per_class'], r['depth']), []).append(r)
@@ -61,7 +67,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out.append(dict(per_class=per_class, depth=depth, frozen=group[0]['frozen'],
                     num_train=group[0]['num_train'], mean=interval.mean, interval=interval,
                     val_mean=sum(r['val_top1'] for r in group) / len(group),
-                    by_seed={r['seed']: r['top1'] for r in group}, seeds=len(group)))
+                    by_seed={r['seed']: r['top1'] for r in group}, seeds=len(group),
+                    lr=group[0].get('lr')))
   return out
 
 
@@ -83,8 +90,8 @@ def _sizes(summary):
 
 
 def table(summary: list[dict]) -> str:
-  """Markdown: rows are freeze depths, columns target sizes, cells test top-1 (%) mean [95 % CI];
-  bold: the depth that validation selects."""
+  """Markdown: rows are freeze depths, columns target sizes, cells test top-1 (%) mean [95 % CI]
+  and the learning rate chosen on validation; bold: the depth that validation selects."""
   sizes = _sizes(summary)
   depths = sorted({(r['depth'], r['frozen']) for r in summary})
   cell = {(r['per_class'], r['depth']): r for r in summary}
@@ -97,7 +104,8 @@ def table(summary: list[dict]) -> str:
     for _, n, _ in sizes:
       r = cell.get((n, depth))
       text = r['interval'].format(1, 100) if r else '–'
-      cells.append(f'**{text}**' if r and best[n] == depth else text)
+      text = f'**{text}**' if r and best[n] == depth else text
+      cells.append(text + common.lr_label(r['lr']) if r else text)
     lines.append(f'| {depth} ({frozen}) | ' + ' | '.join(cells) + ' |')
   lines.append('| best depth (validation) | ' + ' | '.join(str(best[n]) for _, n, _ in sizes) +
                ' |')

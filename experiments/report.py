@@ -12,6 +12,7 @@ backend) in OUT/figures/.
 
 import os
 
+from cnn_arch import fractaldb
 from experiments import arch_compare, common, features_l2, freeze_sweep, surgical, transfer_arms
 from experiments import scratch_vs_pretrained as svp
 
@@ -71,10 +72,22 @@ def _scratch(out: str, figures: str) -> list[str]:
            os.path.join(figures, 'scratch_vs_pretrained.png'))
   gaps = svp.gaps(rows)
   seeds = max(g['gap'].n for g in gaps) if gaps else 0
-  return (['## 4. Pretraining vs training from scratch', '',
-           f'Test top-1 (%, mean [95 % CI] over {seeds} seeds); the gap is paired over seeds.',
-           '', svp.table(gaps), ''] + [f'- {s}' for s in svp.findings(gaps)] +
-          ['', '![accuracy against epochs](figures/scratch_vs_pretrained.png)', ''])
+  lines = (['## 4. Pretraining vs training from scratch', '',
+            f'Test top-1 (%, mean [95 % CI] over {seeds} seeds) of the target trained from '
+            'scratch, fine-tuned from the network pretrained on MNIST 0-4 and, where it ran, '
+            'from one pretrained on FractalDB; the gaps are paired over seeds.',
+            '', svp.table(gaps), ''] + [f'- {s}' for s in svp.findings(gaps)] +
+           ['', '![accuracy against epochs](figures/scratch_vs_pretrained.png)', ''])
+  config = os.path.join(out, 'config.json')
+  if any(r['init'] == 'fractaldb' for r in rows) and os.path.exists(config):
+    name = common.read_json(config)['fractaldb']['data']['name']
+    c = fractaldb.builder_config(name)
+    images, labels = fractaldb.generate(c.classes, c.instances, c.image_size, c.seed)
+    fractaldb.save_grid(images, labels, os.path.join(figures, 'fractaldb_grid.png'))
+    lines += [f'The FractalDB source (`{name}`: {c.classes} classes of iterated function '
+              f'systems, {c.instances} instances each), the first instances of every class:',
+              '', '![FractalDB samples](figures/fractaldb_grid.png)', '']
+  return lines
 
 
 def _features(out: str, figures: str) -> list[str]:
@@ -123,6 +136,16 @@ def render(out: str) -> str:
     cfg = common.read_json(config)
     lines += [f'Produced by `python -m experiments.run_all`, preset `{cfg["preset"]}` of the '
               f'`{cfg["name"]}` experiment config.', '']
+    tune = cfg['tune']
+    if tune['experiments'] and tuple(tune['factors']) != (1.0,):
+      lines += [f'Every arm (a cell of a table) of {", ".join(tune["experiments"])} runs at '
+                'the learning rate it selects on validation: its first '
+                f'{"seed" if tune["seeds"] == 1 else str(tune["seeds"]) + " seeds"} at '
+                f'{", ".join(f"{f:g}" for f in tune["factors"])} '
+                'times the configured rate, the other seeds at the best; the tables name the '
+                'rate ("lr"), and `lr_grid.jsonl` beside `runs.jsonl` holds every validation '
+                'score of the grid. The other experiments\' arms run at the configured rate.',
+                '']
   for name, marker, section in SECTIONS:
     if os.path.exists(os.path.join(out, name, marker)):
       lines += section(out, figures)

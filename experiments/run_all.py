@@ -11,7 +11,8 @@ continues; compiled programs persist in OUT/jax_cache. `--only=freeze_sweep,feat
 a subset (the report covers what exists).
 
 The work runs in `--jobs` processes at once (default: one per CPU core) as tasks, longest
-first, each taken by the first free process: the source networks, then each experiment, the
+first, each taken by the first free process: the source networks (MNIST 0-4 per norm,
+FractalDB; the surgical experiment trains its own ten-digit one), then each experiment, the
 longer ones in independent parts (`parts(cfg)` of scratch_vs_pretrained and arch_compare); an
 experiment split into parts is run whole afterwards, which finds every run finished and writes
 its rows. Results do not depend on `--jobs`; timings do (the architecture comparison's models
@@ -42,6 +43,7 @@ _ORDER = (freeze_sweep.NAME, transfer_arms.NAME, scratch_vs_pretrained.NAME, sur
           arch_compare.NAME, features_l2.NAME)
 _PARTS = {scratch_vs_pretrained.NAME: scratch_vs_pretrained.parts,
           arch_compare.NAME: arch_compare.parts}
+TUNABLE = (freeze_sweep.NAME, transfer_arms.NAME, surgical.NAME, scratch_vs_pretrained.NAME)
 _USES_SOURCE = (freeze_sweep.NAME, transfer_arms.NAME, features_l2.NAME)  # the BatchNorm one
 
 
@@ -50,16 +52,19 @@ def tasks(cfg, names) -> list[tuple[str, str, object, tuple]]:
   norms = list(cfg.scratch.norms) if scratch_vs_pretrained.NAME in names else []
   if set(_USES_SOURCE) & set(names):
     norms = ['batch'] + [n for n in norms if n != 'batch']
-  out = [] if cfg.init_from else [(f'pretrain_{norm}', '', _pretrain, (cfg, norm))
+  out = [] if cfg.init_from else [(f'pretrain_{norm}', '', _pretrain, (cfg, norm, 'source'))
                                   for norm in norms]
+  if scratch_vs_pretrained.NAME in names:
+    out += [(f'pretrain_fractaldb_{norm}', '', _pretrain, (cfg, norm, 'fractaldb'))
+            for norm in cfg.scratch.norms if norm in cfg.scratch.fractaldb_norms]
   for name in names:
     parts = _PARTS[name](cfg) if name in _PARTS else [('', EXPERIMENTS[name], cfg)]
     out += [(name, label, fn, (part,)) for label, fn, part in parts]
   return out
 
 
-def _pretrain(cfg, norm: str, out: str):
-  common.pretrained(cfg, out, norm)
+def _pretrain(cfg, norm: str, source: str, out: str):
+  common.pretrained(cfg, out, norm, source)
 
 
 def _worker_init(positions, cache_dir: str):
@@ -81,6 +86,10 @@ def run_all(cfg, out: str, only: tuple[str, ...] = (), jobs: int = 1) -> str:
   unknown = set(only) - set(EXPERIMENTS)
   if unknown:
     raise ValueError(f'Unknown experiment(s) {sorted(unknown)}; choose from {list(EXPERIMENTS)}.')
+  untunable = set(cfg.tune.experiments) - set(TUNABLE)
+  if untunable:
+    raise ValueError(f'tune.experiments has {sorted(untunable)}; the experiments that select '
+                     f'learning rates are {list(TUNABLE)}.')
   if jobs < 1:
     raise ValueError(f'--jobs={jobs}: use 1 (in this process) or more (parallel processes).')
   os.makedirs(out, exist_ok=True)

@@ -12,8 +12,10 @@ network's input): the labels keep their meaning, so the source head is kept, and
 input distribution moves. Arms (`cfg.surgical.arms`): 'block 1' (stem and stage1, the paper's
 first block of a ResNet), 'stage2'..'stage4', 'head' (a linear probe on the kept head), 'all'
 (full fine-tuning). Each seed draws the target subset and data order its arms share, so
-differences are paired. Writes OUT/surgical/runs.jsonl (`arm`, `seed`, validation `val_top1`,
-test `top1`); `summarize`, `table`, `findings` and `plot` make the report's section.
+differences are paired; each arm runs at the learning rate it selects on validation
+(`common.run_tuned`, as Lee et al. tune each arm's). Writes OUT/surgical/runs.jsonl (`arm`,
+`seed`, `lr`, validation `val_top1`, test `top1`) and lr_grid.jsonl; `summarize`, `table`,
+`findings` and `plot` make the report's section.
 """
 
 import os
@@ -41,27 +43,28 @@ def arm_config(cfg, arm: str, seed: int, source: str):
 
 
 def run(cfg, out: str) -> list[dict]:
-  """Pretrains the ten-digit source once, then runs every arm for every seed."""
+  """Pretrains the ten-digit source once, then runs every arm for every seed at the learning
+  rate the arm selects on validation (`common.run_tuned`)."""
   source = os.path.join(out, NAME, 'source')
   common.pretrain(cfg.surgical.source, source)
-  jobs = [(arm, seed) for arm in cfg.surgical.arms for seed in cfg.surgical.seeds]
-  rows = []
-  for arm, seed in common.progress(jobs, NAME):
-    result = common.run(arm_config(cfg, arm, seed, source),
-                        os.path.join(out, NAME, 'runs', f'{arm.replace(" ", "")}_s{seed}'))
-    rows.append(dict(arm=arm, seed=seed, per_class=cfg.surgical.per_class,
-                     num_train=result['num_train'], val_top1=result['top1'],
-                     top1=result['test_top1']))
+  sg = cfg.surgical
+  jobs = [(arm, f'{arm.replace(" ", "")}_s{seed}', arm_config(cfg, arm, seed, source),
+           dict(arm=arm, seed=seed)) for arm in sg.arms for seed in sg.seeds]
+  done, grid = common.run_tuned(jobs, common.tuning(cfg, NAME),
+                                os.path.join(out, NAME, 'runs'), NAME)
+  rows = [dict(f, per_class=sg.per_class, num_train=r['num_train'], val_top1=r['top1'],
+               top1=r['test_top1']) for f, r, _ in done]
   common.write_jsonl(os.path.join(out, NAME, 'runs.jsonl'), rows)
+  common.write_jsonl(os.path.join(out, NAME, 'lr_grid.jsonl'), grid)
   return rows
 
 
 def summarize(rows: list[dict]) -> dict:
-  """{arm: {'by_seed', 'val_by_seed', 'interval', 'num_train'}}, in `ARMS` order."""
+  """{arm: {'by_seed', 'val_by_seed', 'interval', 'num_train', 'lr'}}, in `ARMS` order."""
   cells = {}
   for r in rows:
     cell = cells.setdefault(r['arm'], {'by_seed': {}, 'val_by_seed': {},
-                                       'num_train': r['num_train']})
+                                       'num_train': r['num_train'], 'lr': r.get('lr')})
     cell['by_seed'][r['seed']] = r['top1']
     cell['val_by_seed'][r['seed']] = r['val_top1']
   for cell in cells.values():
@@ -72,13 +75,13 @@ def summarize(rows: list[dict]) -> dict:
 
 def table(cells: dict) -> str:
   """Markdown: one row per arm, the stages it trains, test top-1 (%) mean [95 % CI], and the
-  validation mean that picks the best later block."""
-  lines = ['| arm | trains | test top-1 (%) | validation top-1 (%) |', '|---|---|---|---|']
+  validation mean that picks the best later block, and the learning rate chosen on validation."""
+  lines = ['| arm | trains | test top-1 (%) | validation top-1 (%) | lr |', '|---|---|---|---|---|']
   for arm, cell in cells.items():
     trains = 'every stage and the head' if ARMS[arm] is None else (
         ', '.join(ARMS[arm] + ((HEAD,) if arm == HEAD else ())))
     lines.append(f'| {arm} | {trains} | {cell["interval"].format(1, 100)} | '
-                 f'{100 * cell["val_mean"]:.1f} |')
+                 f'{100 * cell["val_mean"]:.1f} | {cell["lr"] if cell["lr"] is not None else "–"} |')
   return '\n'.join(lines)
 
 

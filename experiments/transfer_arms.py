@@ -16,9 +16,11 @@ layers of a network into a new one, whose layers above k start fresh:
 
 Each seed draws the target subset, head initialisation and data order that all its arms share,
 so every difference is paired. k runs over `cfg.transfer.depths` (1..4 of the five stages before
-the head by default). Writes OUT/transfer_arms/runs.jsonl (one line per run: `arm`, `depth`,
-`seed`, validation `val_top1`, test `top1`); `summarize`, `table`, `findings` and `plot` make
-the report's table, claims and figure.
+the head by default). Each (arm, k) runs at the learning rate it selects on validation
+(`common.run_tuned`) when `tune.experiments` names this experiment (the full preset), else
+at the configured rate, as Yosinski et al. train every arm alike. Writes OUT/transfer_arms/runs.jsonl (one line per run: `arm`, `depth`,
+`seed`, `lr`, validation `val_top1`, test `top1`) and lr_grid.jsonl; `summarize`, `table`,
+`findings` and `plot` make the report's table, claims and figure.
 """
 
 import os
@@ -44,34 +46,35 @@ def arm_config(cfg, arm: str, depth: int, seed: int, source: str = '', base_b: s
 
 
 def run(cfg, out: str) -> list[dict]:
-  """Trains base B per seed (with a checkpoint: BnB copies it), then every arm at every depth."""
+  """Trains base B per seed (with a checkpoint: BnB copies it), then every arm at every depth,
+  each cell at its learning rate (`common.run_tuned`, `common.tuning`)."""
   source = common.pretrained(cfg, out)
-  per_class, base, rows = cfg.transfer.per_class, {}, []
-  for seed in common.progress(cfg.transfer.seeds, f'{NAME} (base B)'):
-    base[seed] = os.path.join(out, NAME, 'base', f's{seed}')
-    result = common.run(arm_config(cfg, 'base B', 0, seed), base[seed], keep_final=True)
-    rows.append(_row('base B', 0, seed, result, per_class))
-  jobs = [(arm, depth, seed) for depth in cfg.transfer.depths for arm in ARMS
-          for seed in cfg.transfer.seeds]
-  for arm, depth, seed in common.progress(jobs, NAME):
-    config = arm_config(cfg, arm, depth, seed, source, base[seed])
-    result = common.run(config, os.path.join(out, NAME, 'runs', f'{arm}_d{depth}_s{seed}'))
-    rows.append(_row(arm, depth, seed, result, per_class))
+  t = cfg.transfer
+  base_jobs = [('base B', f's{seed}', arm_config(cfg, 'base B', 0, seed),
+                dict(arm='base B', depth=0, seed=seed)) for seed in t.seeds]
+  tune = common.tuning(cfg, NAME)
+  done, grid = common.run_tuned(base_jobs, tune, os.path.join(out, NAME, 'base'),
+                                f'{NAME} (base B)', keep_final=True)
+  base = {f['seed']: workdir for f, _, workdir in done}
+  jobs = [((arm, depth), f'{arm}_d{depth}_s{seed}',
+           arm_config(cfg, arm, depth, seed, source, base[seed]),
+           dict(arm=arm, depth=depth, seed=seed))
+          for depth in t.depths for arm in ARMS for seed in t.seeds]
+  arms, arms_grid = common.run_tuned(jobs, tune, os.path.join(out, NAME, 'runs'), NAME)
+  rows = [dict(f, per_class=t.per_class, num_train=r['num_train'], val_top1=r['top1'],
+               top1=r['test_top1']) for f, r, _ in done + arms]
   common.write_jsonl(os.path.join(out, NAME, 'runs.jsonl'), rows)
+  common.write_jsonl(os.path.join(out, NAME, 'lr_grid.jsonl'), grid + arms_grid)
   return rows
 
 
-def _row(arm: str, depth: int, seed: int, result: dict, per_class: int) -> dict:
-  return dict(arm=arm, depth=depth, seed=seed, per_class=per_class,
-              num_train=result['num_train'], val_top1=result['top1'], top1=result['test_top1'])
-
-
 def summarize(rows: list[dict]) -> dict:
-  """{(arm, depth): {'by_seed': {seed: test top-1}, 'interval': stats.Interval, 'num_train'}};
-  base B is under depth 0."""
+  """{(arm, depth): {'by_seed': {seed: test top-1}, 'interval': stats.Interval, 'num_train',
+  'lr' (the cell's learning rate)}}; base B is under depth 0."""
   cells = {}
   for r in rows:
-    cell = cells.setdefault((r['arm'], r['depth']), {'by_seed': {}, 'num_train': r['num_train']})
+    cell = cells.setdefault((r['arm'], r['depth']), {'by_seed': {}, 'num_train': r['num_train'],
+                                                     'lr': r.get('lr')})
     cell['by_seed'][r['seed']] = r['top1']
   for cell in cells.values():
     cell['interval'] = stats.mean_interval(cell['by_seed'].values())
@@ -83,12 +86,14 @@ def _depths(cells) -> list[int]:
 
 
 def table(cells: dict) -> str:
-  """Markdown: rows = copied depth k, columns = arms; test top-1 (%) mean [95 % CI]."""
-  base = cells[('base B', 0)]['interval'].format(1, 100)
+  """Markdown: rows = copied depth k, columns = arms; test top-1 (%) mean [95 % CI] and the
+  learning rate chosen on validation."""
+  text = lambda c: c['interval'].format(1, 100) + common.lr_label(c['lr'])
+  base = text(cells[('base B', 0)])
   lines = ['| copied stages k | base B | ' + ' | '.join(ARMS) + ' |',
            '|---' * (len(ARMS) + 2) + '|']
   for d in _depths(cells):
-    row = [cells[(a, d)]['interval'].format(1, 100) if (a, d) in cells else '–' for a in ARMS]
+    row = [text(cells[(a, d)]) if (a, d) in cells else '–' for a in ARMS]
     lines.append(f'| {d} | {base} | ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
+from ml_collections import ConfigDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -149,13 +150,17 @@ def test_freeze_findings_pair_seeds_and_state_the_rule():
       'does not hold')
 
 
-def _svp_rows(gaps_by_schedule, noise=0.0):
-  """Scratch at 0.5 (+ per-seed noise), pretrained at scratch + gap on each of 5 seeds."""
+def _svp_rows(gaps_by_schedule, noise=0.0, fractal=None):
+  """Scratch at 0.5 (+ per-seed noise), pretrained at scratch + gap on each of 5 seeds;
+  `fractal`: FractalDB-pretrained at scratch + fractal too."""
   rows = []
   for schedule, gap in gaps_by_schedule:
     for seed in range(5):
       base = 0.5 + noise * (seed - 2)
-      for init, top1 in (('scratch', base), ('pretrained', base + gap + noise * (seed % 2))):
+      inits = [('scratch', base), ('pretrained', base + gap + noise * (seed % 2))]
+      if fractal is not None:
+        inits.append(('fractaldb', base + fractal + noise * (2 - seed)))
+      for init, top1 in inits:
         rows.append(dict(norm='batch', per_class=20, schedule=schedule, init=init, seed=seed,
                          num_train=100, epochs=float(schedule), top1=top1, val_top1=top1))
   return rows
@@ -163,12 +168,19 @@ def _svp_rows(gaps_by_schedule, noise=0.0):
 
 def test_findings_are_computed_from_the_gaps():
   (text,) = svp.findings(svp.gaps(_svp_rows([(1, 0.2), (2, 0.1), (4, 0.05)])))
-  assert 'pretrained at 1x is 20.0 top-1 points above scratch at 1x' in text
+  assert 'MNIST-pretrained at 1x is 20.0 top-1 points above scratch at 1x' in text
   assert 'He et al. (small target), "pretraining still helps at the longest schedule (4x)": holds' in text
   assert '"the gap at 1x is larger than at 4x": holds' in text
+  assert 'Kataoka' not in text  # no FractalDB runs
   (level,) = svp.findings(svp.gaps(_svp_rows([(1, 0.1), (4, 0.0)], noise=0.02)))
-  assert 'the data cannot tell pretrained at 4x from scratch at 4x' in level
+  assert 'the data cannot tell MNIST-pretrained at 4x from scratch at 4x' in level
   assert '"pretraining still helps at the longest schedule (4x)": cannot tell here' in level
+  # FractalDB 5 points above scratch, 5 below MNIST at 1x (noise 0.02 on every seed).
+  (fractal,) = svp.findings(svp.gaps(_svp_rows([(1, 0.1), (4, 0.0)], noise=0.02, fractal=0.05)))
+  assert 'FractalDB-pretrained at 1x is 5.0 top-1 points above scratch at 1x' in fractal
+  assert ('Kataoka et al. (against scratch), "FractalDB pretraining beats training from scratch '
+          '(1x)": holds') in fractal
+  assert '"pretraining on MNIST 0-4 beats pretraining on FractalDB (1x)": holds' in fractal
 
 
 def test_gaps_pair_inits_and_average_seeds():
@@ -181,6 +193,7 @@ def test_gaps_pair_inits_and_average_seeds():
   half = 100 * scipy.stats.t.ppf(0.975, 1) * np.std([0.3, 0.1], ddof=1) / math.sqrt(2)
   assert (f'| group | all (600) | 2x | 3.0 | {g["scratch"].format(1, 100)} | 90.0 [90.0, 90.0] | '
           f'20.0 [{20 - half:.1f}, {20 + half:.1f}] |') in svp.table([g])
+  assert 'fractal_gap' not in g and g['lr'] == {'scratch': None, 'pretrained': None}
 
 
 def test_transfer_arms_copy_freeze_and_reinitialise_the_right_stages():
@@ -251,7 +264,7 @@ def test_surgical_arms_train_one_block_and_keep_every_copied_stage():
 
 def _surgical_rows(means, noise=0.0, val=None):
   """5 seeds per arm; seed s adds noise * (s - 2) to every arm but 'all'."""
-  return [dict(arm=arm, seed=s, per_class=20, num_train=200,
+  return [dict(arm=arm, seed=s, per_class=20, num_train=200, lr=0.05,
                val_top1=(val or means)[arm], top1=top1 + (0 if arm == 'all' else noise * (s - 2)))
           for arm, top1 in means.items() for s in range(5)]
 
@@ -266,9 +279,9 @@ def test_surgical_findings_state_lee_et_al_claims():
   assert 'best by validation: stage2' in claims[0]['sentence']
   assert claims[0]['mean'] == pytest.approx(0.05) and claims[1]['mean'] == pytest.approx(0.02)
   lines = surgical.table(cells).splitlines()
-  assert lines[0] == '| arm | trains | test top-1 (%) | validation top-1 (%) |'
-  assert lines[2] == '| block 1 | stem, stage1 | 90.0 [90.0, 90.0] | 90.0 |'
-  assert lines[6] == '| head | head | 60.0 [60.0, 60.0] | 60.0 |'
+  assert lines[0] == '| arm | trains | test top-1 (%) | validation top-1 (%) | lr |'
+  assert lines[2] == '| block 1 | stem, stage1 | 90.0 [90.0, 90.0] | 90.0 | 0.05 |'
+  assert lines[6] == '| head | head | 60.0 [60.0, 60.0] | 60.0 | 0.05 |'
   # Validation, not test, picks the block to beat: stage4 by validation, test gap 20 points.
   val = dict(means, stage4=0.95)
   (which, _) = surgical.findings(surgical.summarize(_surgical_rows(means, val=val)))[1]
@@ -312,6 +325,47 @@ def test_programs_are_shared_by_runs_that_differ_only_in_init_seed_or_size():
   assert get(warm[0]) is not get(warm[1])
 
 
+def test_run_tuned_selects_each_cells_rate_on_validation_of_its_first_seeds(monkeypatch):
+  """Validation top-1 by (cell, lr): 'a' is best at 4x, 'b' ties 1x and 4x (the first factor
+  wins), 'c' diverges at 4x and is best at 0.25x; only the first seed of a cell sees the grid."""
+  val = {('a', 0.025): 0.5, ('a', 0.1): 0.6, ('a', 0.4): 0.7,
+         ('b', 0.025): 0.5, ('b', 0.1): 0.8, ('b', 0.4): 0.8,
+         ('c', 0.025): 0.9, ('c', 0.1): 0.2, ('c', 0.4): None}
+  calls = []
+
+  def fake_run(config, workdir, **kwargs):
+    cell, seed = config.name.split('/')
+    calls.append((cell, int(seed), config.optim.learning_rate, os.path.basename(workdir),
+                  kwargs))
+    top1 = val[cell, config.optim.learning_rate]
+    if top1 is None:
+      raise FloatingPointError('diverged')
+    return {'top1': top1}
+
+  monkeypatch.setattr(common, 'run', fake_run)
+  jobs = []
+  for cell in 'abc':
+    for seed in (0, 1, 2):
+      c = ConfigDict(dict(name=f'{cell}/{seed}', optim=dict(learning_rate=0.1)))
+      jobs.append((cell, f'{cell}{seed}', c, dict(cell=cell, seed=seed), dict(eval_at=(1.0,))))
+  tune = ConfigDict(dict(factors=(0.25, 1.0, 4.0), seeds=1))
+  done, grid = common.run_tuned(jobs, tune, '/runs', 'test', keep_final=True)
+  assert [(f['cell'], f['seed'], f['lr']) for f, _, _ in done] == [
+      (c, s, lr) for c, lr in (('a', 0.4), ('b', 0.1), ('c', 0.025)) for s in (0, 1, 2)]
+  assert [w for _, _, w in done][:2] == ['/runs/a0_lr0.4', '/runs/a1_lr0.4']
+  assert [(g['cell'], g['lr'], g['val_top1']) for g in grid] == [
+      (c, lr, val[c, lr]) for c in 'abc' for lr in (0.025, 0.1, 0.4)]
+  assert {(c, s) for c, s, *_ in calls[:9]} == {('a', 0), ('b', 0), ('c', 0)}  # the grid
+  assert all(k == {'keep_final': True, 'eval_at': (1.0,)} for *_, k in calls)
+  assert len(calls) == 9 + 9  # every final run asked again (a finished one returns its results)
+  for bad, match in ((dict(factors=()), r'tune.factors=\(\)'),
+                     (dict(factors=(1.0, -2.0)), r'tune.factors=\(1.0, -2.0\): give one or more'),
+                     (dict(seeds=0), r'tune.seeds=0: .* integer >= 1')):
+    with pytest.raises(ValueError, match=match):
+      common.run_tuned(jobs, ConfigDict({**tune.to_dict(), **bad}), '/runs', 'test')
+  assert len(calls) == 18  # nothing ran
+
+
 def test_frozen_prefix_is_evaluated_once_per_prefix_and_gives_the_plain_numbers(tmp_path):
   """Runs from one checkpoint (`keep_final`) with the same frozen prefix share its evaluation
   features; each run's numbers equal those of the plain path (cache_features=off), to float32
@@ -341,7 +395,8 @@ def test_run_all_tasks_pretrain_first_and_split_the_long_experiments():
   cfg = digits.get_config()
   todo = run_all.tasks(cfg, run_all._ORDER)
   labels = [(key, label) for key, label, *_ in todo]
-  assert labels[:2] == [('pretrain_batch', ''), ('pretrain_group', '')]
+  assert labels[:3] == [('pretrain_batch', ''), ('pretrain_group', ''),
+                        ('pretrain_fractaldb_batch', '')]
   assert labels.count(('freeze_sweep', '')) == 1
   assert [l for k, l in labels if k == 'scratch_vs_pretrained'] == ['norm=batch', 'norm=group']
   arch = [l for k, l in labels if k == 'arch_compare']
@@ -352,6 +407,10 @@ def test_run_all_tasks_pretrain_first_and_split_the_long_experiments():
   assert [(k, l) for k, l, *_ in only][:2] == [('pretrain_batch', ''), ('pretrain_group', '')]
   cfg.init_from = '/some/checkpoint'
   assert [k for k, *_ in run_all.tasks(cfg, (freeze_sweep.NAME,))] == ['freeze_sweep']
+  cfg.tune.experiments = ('freeze_sweep', 'features_l2')
+  with pytest.raises(ValueError, match=r"tune.experiments has \['features_l2'\]; the "
+                                       r"experiments that select learning rates are"):
+    run_all.run_all(cfg, '/nonexistent/out')
 
 
 def _arch_row(model, macs, train, infer):
@@ -400,7 +459,7 @@ def test_report_renders_from_fake_result_files(tmp_path):
   assert 'preset' not in text  # no config.json: run_all did not produce it
   assert 'over 3 seeds' in text and '| best depth (validation) | 1 | 0 |' in text
   assert 'The lecture\'s rule "small target: freeze more, large target: tune more": holds' in text
-  assert 'the data cannot tell pretrained at 2x from scratch at 2x' in text
+  assert 'the data cannot tell MNIST-pretrained at 2x from scratch at 2x' in text
   assert '"the gap at 1x is larger than at 2x": holds' in text
   assert '2.50x the training time and 2.00x the inference time' in text
   for figure in ('freeze_sweep.png', 'scratch_vs_pretrained.png'):
@@ -418,6 +477,12 @@ def tiny_config():
   c.source.data.per_class = 10  # 50 images: 2 steps; with the target's lr: the sweep's program
   c.source.optim.learning_rate = c.target.optim.learning_rate
   c.source.train.batch_size = c.target.train.batch_size
+  c.fractaldb.model.options.width = 0.0625
+  c.fractaldb.data.image_size = 8
+  c.fractaldb.data.name = 'fractaldb/c10_m60_s32'
+  c.fractaldb.data.per_class = 5  # 50 images at batch 25: 2 steps
+  c.fractaldb.train.batch_size = 25
+  c.fractaldb.train.num_epochs = 1.0
   for section in (c.surgical.source, c.surgical.target):
     section.model.options.width = 0.0625
     section.data.image_size = 8
@@ -426,6 +491,7 @@ def tiny_config():
   c.surgical.per_class, c.surgical.arms, c.surgical.seeds = 5, ('block 1', 'all'), (0, 1)
   c.surgical.steps = 2
   c.freeze.per_class, c.freeze.seeds, c.freeze.steps = (5,), (0, 1), 2
+  c.tune.experiments += (transfer_arms.NAME,)  # base B's grid feeds BnB
   c.freeze.depths = (0,)  # one program shared by every run (depths: test_freeze_summary...)
   c.transfer.per_class, c.transfer.depths, c.transfer.seeds, c.transfer.steps = 5, (1,), (0, 1), 2
   c.scratch.per_class, c.scratch.norms, c.scratch.schedules = (5,), ('batch',), (1,)
@@ -453,13 +519,17 @@ def test_tiny_run_writes_every_result(tiny_run):
   assert all(0.0 <= r['top1'] <= 1.0 and 0.0 <= r['val_top1'] <= 1.0 and r['num_train'] == 25
              for r in rows)
   assert {r['frozen'] for r in rows} == {'-'}
+  grid = common.read_jsonl(os.path.join(out, freeze_sweep.NAME, 'lr_grid.jsonl'))
+  assert [(g['seed'], g['lr']) for g in grid] == [(0, 0.0125), (0, 0.05), (0, 0.2)]
+  best = max(grid, key=lambda g: g['val_top1'])  # ties: the first
+  assert {r['lr'] for r in rows} == {best['lr']} and rows[0]['val_top1'] == best['val_top1']
   arms = common.read_jsonl(os.path.join(out, transfer_arms.NAME, 'runs.jsonl'))
   assert sorted((r['arm'], r['depth'], r['seed']) for r in arms) == [
       (a, d, s) for a, d in (('AnB', 1), ('AnB+', 1), ('BnB', 1), ('base B', 0)) for s in (0, 1)]
   assert all(0.0 <= r['top1'] <= 1.0 and r['num_train'] == 25 for r in arms)
   curves = common.read_jsonl(os.path.join(out, svp.NAME, 'curves.jsonl'))
   assert sorted((c['init'], c['epoch']) for c in curves) == [
-      ('pretrained', 1.0), ('pretrained', 2.0), ('scratch', 1.0), ('scratch', 2.0)]
+      (i, e) for i in ('fractaldb', 'pretrained', 'scratch') for e in (1.0, 2.0)]
   feats = common.read_json(os.path.join(out, features_l2.NAME, 'results.json'))['rows']
   assert sorted((r['network'], r['seed']) for r in feats) == [
       (n, s) for n in ('pixels', 'pretrained', 'random') for s in (0, 1)]
@@ -474,6 +544,9 @@ def test_tiny_run_writes_every_result(tiny_run):
   assert all(0.0 <= r['top1'] <= 1.0 and r['num_train'] == 50 for r in surgery)
   text = open(path).read()
   assert 'preset `default` of the `digits` experiment config' in text
+  assert ('Every arm (a cell of a table) of freeze_sweep, surgical, scratch_vs_pretrained, '
+          'transfer_arms runs at the learning rate it selects on validation: its first seed at '
+          '0.25, 1, 4 times the configured rate') in text
   for section in ('## 1.', '## 2.', '## 3.', '## 4.', '## 5.', '## 6.'):
     assert section in text
   for figure in ('freeze_sweep.png', 'transfer_arms.png', 'surgical.png',
@@ -485,13 +558,17 @@ def test_tiny_run_writes_every_result(tiny_run):
 def test_tiny_run_resumes_only_unfinished_runs(tiny_run):
   out, _ = tiny_run
   runs_dir = os.path.join(out, freeze_sweep.NAME, 'runs')
-  redo = os.path.join(runs_dir, 'n5_d0_s1', 'results.json')
-  keep = os.path.join(runs_dir, 'n5_d0_s0', 'results.json')
+  # Seed 0 ran at the three rates of the grid, seed 1 at the chosen one.
+  (seed1,) = [n for n in os.listdir(runs_dir) if n.startswith('n5_d0_s1_')]
+  keep = [os.path.join(runs_dir, n, 'results.json') for n in os.listdir(runs_dir)
+          if n.startswith('n5_d0_s0_')]
+  assert len(keep) == 3
+  redo = os.path.join(runs_dir, seed1, 'results.json')
   os.remove(redo)
-  before = os.path.getmtime(keep)
+  before = [os.path.getmtime(k) for k in keep]
   rows = freeze_sweep.run(tiny_config(), out)
-  assert os.path.exists(redo) and os.path.getmtime(keep) == before
-  assert len(rows) == 2
+  assert os.path.exists(redo) and [os.path.getmtime(k) for k in keep] == before
+  assert len(rows) == 2 and seed1 == f'n5_d0_s1_lr{rows[1]["lr"]:.4g}'
   with open(redo) as f:
     assert json.load(f)['steps'] == 2
 

@@ -26,7 +26,13 @@ def moved(before, after, key) -> tuple[bool, bool]:
 
 
 def float_state(state) -> int:
-  return sum(x.size for x in jax.tree.leaves(state.opt_state) if x.dtype == np.float32)
+  return opt_floats(state.opt_state)
+
+
+def opt_floats(opt_state) -> int:
+  """Optimizer-state floats but the learning rate (a scalar of the state, `optim.make`)."""
+  return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+             if x.dtype == np.float32 and 'hyperparams' not in jax.tree_util.keystr(p))
 
 
 def size(tree) -> int:
@@ -167,9 +173,8 @@ def test_a_phase_change_keeps_the_optimizer_state_of_keys_that_stay_trained():
   assert all(np.all(x == 0) for x in jax.tree.leaves(new['stage3']))  # fresh momentum
   assert int(carried[1].count) == 1  # the schedule keeps counting the run's steps
   # Frozen leaves hold no state in either phase.
-  fsize = lambda st: sum(x.size for x in jax.tree.leaves(st) if x.dtype == np.float32)
-  assert fsize(state) == sum(size(params[k]) for k in ('stage4', 'head'))
-  assert fsize(carried) == sum(size(params[k]) for k in ('stage3', 'stage4', 'head'))
+  assert opt_floats(state) == sum(size(params[k]) for k in ('stage4', 'head'))
+  assert opt_floats(carried) == sum(size(params[k]) for k in ('stage3', 'stage4', 'head'))
 
 
 @pytest.fixture(scope='module')
@@ -322,3 +327,21 @@ def test_every_key_works_from_the_command_line(tmp_path):
        "--config.finetune.train_stages=('stem', 'conv1')"],
       cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode != 0 and 'use stage names from: stem, stage1' in proc.stderr
+
+
+def test_the_learning_rate_is_a_value_of_the_optimizer_state():
+  """One compiled update serves every learning rate: the rate comes from the state it is given
+  (`optim.make`), and the update is exactly proportional to it."""
+  s = make_setup(tiny_config(optim=dict(weight_decay=0.1)))
+  params = train.init_state(s, tiny_config()).params
+  grads = jax.tree.map(jnp.ones_like, params)
+  make = lambda lr: optim.make(tiny_config(optim=dict(learning_rate=lr, weight_decay=0.1)).optim,
+                               s.plan, params, 0, s.steps_per_epoch, s.total_steps)
+  slow, fast = make(0.05), make(0.1)
+  update = jax.jit(slow.update)  # compiled for 0.05
+  want, _ = fast.update(grads, fast.init(params), params)
+  got, _ = update(grads, fast.init(params), params)
+  half, _ = update(grads, slow.init(params), params)
+  assert leaves_equal(got, want)
+  assert all(np.array_equal(2 * np.asarray(h), np.asarray(g))
+             for h, g in zip(jax.tree.leaves(half), jax.tree.leaves(got)))

@@ -66,7 +66,9 @@ def test_freezing_leaves_frozen_stages_bit_identical(depth):
       if key in before.batch_stats:
         assert not same_stats, f'{key} batch statistics did not update'
   # Frozen leaves hold no optimizer state: the momentum buffers cover only trainable leaves.
-  n_state = sum(x.size for x in jax.tree.leaves(after.opt_state) if x.dtype == np.float32)
+  # (The learning rate is a scalar of the state too, `optim.make`.)
+  n_state = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
+                if x.dtype == np.float32 and 'hyperparams' not in jax.tree_util.keystr(p))
   n_trainable = sum(p.size for key in s.stage_names[depth:]
                     for p in jax.tree.leaves(after.params[key]))
   assert n_state == n_trainable

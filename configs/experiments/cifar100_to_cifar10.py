@@ -42,4 +42,6 @@ def get_config(arg=None):
   c.freeze.per_class = (10, 100, 1000, 0)
   c.freeze.seeds = (0, 1, 2)
   c.freeze.steps = 2000
+  c.scratch.fractaldb_norms = ()  # FractalDB at 32x32: configure c.fractaldb like c.source
+  c.tune.experiments = ()  # the configured rate: a grid costs a run per cell and factor
   return c

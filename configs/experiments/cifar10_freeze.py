@@ -39,4 +39,6 @@ def get_config(arg=None):
   c.freeze.seeds = (0, 1, 2)
   c.freeze.steps = 1000
   c.features.queries = 8
+  c.scratch.fractaldb_norms = ()
+  c.tune.experiments = ()  # the configured rate: a grid costs a run per cell and factor
   return c

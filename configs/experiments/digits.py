@@ -11,12 +11,16 @@ fine-tunes on UCI optdigits (the same ten labels, 8x8 scans of other writers). R
 on the validation split (carved from MNIST's training set; the default preset uses its first
 2,000 images) and reported on MNIST's test split (4,861 images of 5-9). Every seed draws its own
 target subset, head initialisation and data order; the arms of one seed share them, so
-differences between arms are paired. Every fine-tuning run of one sweep trains the same number
-of steps at batch 25, so its programs are compiled once. OUT/timings.json records the wall time
-of each experiment (its tasks summed) and source network, OUT/config.json the config (the report
-names its preset). Each section drives one module of `experiments/`; the real-scale configs next
-to this file (cifar10_freeze.py, cifar100_to_cifar10.py, cifar10_scratch.py) have the same
-structure.
+differences between arms are paired. Scratch vs pretrained also starts from FractalDB
+(formula-driven images, `cnn_arch.fractaldb`). The arms of the freeze sweep, surgical
+fine-tuning and scratch vs pretrained select their learning rate on validation (`tune`: seed 0
+at 0.25x, 1x and 4x the configured 0.05; the transfer arms too under `full`). Every fine-tuning
+run of one sweep trains the same number of steps at batch 25, so its programs are compiled once
+(the learning rate is a value of the optimizer state, not of the program). OUT/timings.json
+records the wall time of each experiment (its tasks summed) and source network, OUT/config.json
+the config (the report names its preset). Each section drives one module of `experiments/`; the
+real-scale configs next to this file (cifar10_freeze.py, cifar100_to_cifar10.py,
+cifar10_scratch.py) have the same structure.
 """
 
 from cnn_arch import config
@@ -72,6 +76,21 @@ def get_config(arg=None):
   c.source = source_trainer(SOURCE_CLASSES, 1.0)  # 275 steps over the ~27,500 images of 0-4
   c.init_from = ''  # '' : pretrain `source`; else a checkpoint directory (e.g. torchvision's)
   c.target = trainer(TARGET_CLASSES)
+  # A second source for scratch_vs_pretrained: FractalDB (10 formula-driven classes of 480
+  # training images, `cnn_arch.fractaldb`) at the target's input size: 288 steps, 6 epochs.
+  c.fractaldb = source_trainer(None, 6.0)
+  c.fractaldb.data.name = 'fractaldb'
+  c.fractaldb.data.eval_split = 'validation'  # all 600
+
+  # The arms of `experiments` (a freeze depth, a surgical arm, an init) select their learning
+  # rate on validation: an arm's first `seeds` seeds run at each of `factors` times the
+  # configured rate, the rest at the best (`common.run_tuned`). A grid for the transfer arms
+  # would add ~30 s to a default run near its 15 minutes: they share the configured rate
+  # (as in Yosinski et al.), and `full` tunes them too.
+  c.tune = config.ConfigDict()
+  c.tune.factors = (0.25, 1.0, 4.0)
+  c.tune.seeds = 1
+  c.tune.experiments = ('freeze_sweep', 'surgical', 'scratch_vs_pretrained')
 
   c.freeze = config.ConfigDict()
   c.freeze.per_class = (5, 100)
@@ -86,6 +105,7 @@ def get_config(arg=None):
   c.scratch.steps_1x = 40
   c.scratch.seeds = (0, 1, 2, 3, 4)
   c.scratch.num_evals = 1  # per 1x: a 4x run evaluates 4 times
+  c.scratch.fractaldb_norms = ('batch',)  # the norms that also fine-tune from FractalDB
 
   c.transfer = config.ConfigDict()  # Yosinski et al.'s base B / BnB / AnB / AnB+
   c.transfer.per_class = 100
@@ -147,6 +167,8 @@ def get_config(arg=None):
     # He et al.'s large-target end: 1,000/class, schedules up to 8x of 2 epochs at that size.
     c.scratch.per_class, c.scratch.schedules, c.scratch.steps_1x = (20, 1000), (1, 2, 4, 8), 400
     c.scratch.seeds = seeds[:5]
-    for section in (c.source, c.target, c.surgical.source, c.arch):
+    c.scratch.fractaldb_norms = c.scratch.norms
+    c.tune.experiments += ('transfer_arms',)
+    for section in (c.source, c.target, c.fractaldb, c.surgical.source, c.arch):
       section.data.eval_split = 'validation'
   return c
