@@ -252,11 +252,25 @@ def with_lr(config: ConfigDict, lr: float) -> ConfigDict:
   return config
 
 
+def check_tune(tune: ConfigDict):
+  """Raises ValueError naming the `tune` key that is out of range."""
+  factors = tuple(tune.factors)
+  if not factors or any(not isinstance(f, (int, float)) or f <= 0 for f in factors):
+    raise ValueError(f'tune.factors={factors!r}: give one or more positive multiples of the '
+                     'configured learning rate, e.g. --config.tune.factors="(0.25, 1.0, 4.0)", '
+                     'or (1.0,) for the configured rate alone.')
+  if not isinstance(tune.seeds, int) or tune.seeds < 1:
+    raise ValueError(f'tune.seeds={tune.seeds!r}: the number of seeds per cell that run the '
+                     'learning-rate grid must be an integer >= 1.')
+
+
 def tuning(cfg: ConfigDict, experiment: str) -> ConfigDict:
-  """`cfg.tune` for an experiment that `tune.experiments` names; else the configured rate alone."""
+  """`cfg.tune` (checked) for an experiment that `tune.experiments` names; else the configured
+  rate alone. Experiments call it before they train anything."""
+  check_tune(cfg.tune)
   if experiment in cfg.tune.experiments:
     return cfg.tune
-  return ConfigDict(dict(factors=(1.0,), seeds=1, experiments=()))
+  return ConfigDict(dict(factors=(1.0,), seeds=1))
 
 
 def run_tuned(jobs: list[tuple], tune: ConfigDict, runs_dir: str, desc: str,
@@ -272,19 +286,12 @@ def run_tuned(jobs: list[tuple], tune: ConfigDict, runs_dir: str, desc: str,
   Returns ((fields + 'lr', results, workdir) per job in order, the grid's rows: fields + 'lr',
   'val_top1', None when diverged).
   """
-  factors = tuple(tune.factors)
-  if not factors or any(not isinstance(f, (int, float)) or f <= 0 for f in factors):
-    raise ValueError(f'tune.factors={factors!r}: give one or more positive multiples of the '
-                     'configured learning rate, e.g. --config.tune.factors="(0.25, 1.0, 4.0)", '
-                     'or (1.0,) for the configured rate alone.')
-  if not isinstance(tune.seeds, int) or tune.seeds < 1:
-    raise ValueError(f'tune.seeds={tune.seeds!r}: the number of seeds per cell that run the '
-                     'learning-rate grid must be an integer >= 1.')
+  check_tune(tune)
   cells = {}
   for job in jobs:
     cells.setdefault(job[0], []).append(job)
   workdir = lambda name, lr: os.path.join(runs_dir, f'{name}_lr{lr:.4g}')
-  rates = lambda config: [f * config.optim.learning_rate for f in factors]
+  rates = lambda config: [f * config.optim.learning_rate for f in tune.factors]
   kwargs = lambda job: {**run_kwargs, **(job[4] if len(job) > 4 else {})}
   grid, scores = [], {}
   selection = [(job, lr) for cell_jobs in cells.values() for job in cell_jobs[:tune.seeds]

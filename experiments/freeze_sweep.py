@@ -44,9 +44,10 @@ def runs(cfg, init_from: str):
 def run(cfg, out: str) -> list[dict]:
   """Pretrains (once), runs the sweep at each cell's learning rate (`common.run_tuned`;
   finished runs are skipped), writes and returns the rows."""
+  tune = common.tuning(cfg, NAME)
   init_from = common.pretrained(cfg, out)
-  done, grid = common.run_tuned(list(runs(cfg, init_from)), common.tuning(cfg, NAME),
-                                os.path.join(out, NAME, 'runs'), NAME)
+  done, grid = common.run_tuned(list(runs(cfg, init_from)), tune, os.path.join(out, NAME, 'runs'),
+                                NAME)
   rows = [{**fields, 'num_train': result['num_train'], 'val_top1': result['top1'],
            'top1': result['test_top1'], 'seconds': result['wall_seconds']}
           for fields, result, _ in done]

@@ -86,6 +86,7 @@ def run_all(cfg, out: str, only: tuple[str, ...] = (), jobs: int = 1) -> str:
   unknown = set(only) - set(EXPERIMENTS)
   if unknown:
     raise ValueError(f'Unknown experiment(s) {sorted(unknown)}; choose from {list(EXPERIMENTS)}.')
+  common.check_tune(cfg.tune)
   untunable = set(cfg.tune.experiments) - set(TUNABLE)
   if untunable:
     raise ValueError(f'tune.experiments has {sorted(untunable)}; the experiments that select '

@@ -60,10 +60,11 @@ def runs(cfg, init_from: dict[tuple[str, str], str]):
 def run(cfg, out: str) -> tuple[list[dict], list[dict]]:
   """Pretrains once per (norm, source), runs every configuration at its cell's learning rate,
   writes and returns (runs, curves)."""
+  tune = common.tuning(cfg, NAME)
   init_from = {(norm, init): common.pretrained(cfg, out, norm, SOURCES[init])
                for norm in cfg.scratch.norms for init in inits(cfg, norm)[1:]}
-  done, grid = common.run_tuned(list(runs(cfg, init_from)), common.tuning(cfg, NAME),
-                                os.path.join(out, NAME, 'runs'), NAME)
+  done, grid = common.run_tuned(list(runs(cfg, init_from)), tune, os.path.join(out, NAME, 'runs'),
+                                NAME)
   rows, curves = [], []
   for fields, result, workdir in done:
     rows.append({**fields, 'num_train': result['num_train'], 'epochs': result['epochs'],

@@ -45,13 +45,13 @@ def arm_config(cfg, arm: str, seed: int, source: str):
 def run(cfg, out: str) -> list[dict]:
   """Pretrains the ten-digit source once, then runs every arm for every seed at the learning
   rate the arm selects on validation (`common.run_tuned`)."""
+  tune = common.tuning(cfg, NAME)
   source = os.path.join(out, NAME, 'source')
   common.pretrain(cfg.surgical.source, source)
   sg = cfg.surgical
   jobs = [(arm, f'{arm.replace(" ", "")}_s{seed}', arm_config(cfg, arm, seed, source),
            dict(arm=arm, seed=seed)) for arm in sg.arms for seed in sg.seeds]
-  done, grid = common.run_tuned(jobs, common.tuning(cfg, NAME),
-                                os.path.join(out, NAME, 'runs'), NAME)
+  done, grid = common.run_tuned(jobs, tune, os.path.join(out, NAME, 'runs'), NAME)
   rows = [dict(f, per_class=sg.per_class, num_train=r['num_train'], val_top1=r['top1'],
                top1=r['test_top1']) for f, r, _ in done]
   common.write_jsonl(os.path.join(out, NAME, 'runs.jsonl'), rows)

@@ -48,11 +48,11 @@ def arm_config(cfg, arm: str, depth: int, seed: int, source: str = '', base_b: s
 def run(cfg, out: str) -> list[dict]:
   """Trains base B per seed (with a checkpoint: BnB copies it), then every arm at every depth,
   each cell at its learning rate (`common.run_tuned`, `common.tuning`)."""
+  tune = common.tuning(cfg, NAME)
   source = common.pretrained(cfg, out)
   t = cfg.transfer
   base_jobs = [('base B', f's{seed}', arm_config(cfg, 'base B', 0, seed),
                 dict(arm='base B', depth=0, seed=seed)) for seed in t.seeds]
-  tune = common.tuning(cfg, NAME)
   done, grid = common.run_tuned(base_jobs, tune, os.path.join(out, NAME, 'base'),
                                 f'{NAME} (base B)', keep_final=True)
   base = {f['seed']: workdir for f, _, workdir in done}

@@ -181,6 +181,10 @@ def test_findings_are_computed_from_the_gaps():
   assert ('Kataoka et al. (against scratch), "FractalDB pretraining beats training from scratch '
           '(1x)": holds') in fractal
   assert '"pretraining on MNIST 0-4 beats pretraining on FractalDB (1x)": holds' in fractal
+  header, _, row = svp.table(svp.gaps(_svp_rows([(1, 0.1)], fractal=0.05))).splitlines()
+  assert header.endswith('| FractalDB top-1 (%) | gap, MNIST 0-4 - scratch (points) | '
+                         'gap, FractalDB - scratch (points) |')
+  assert row.endswith('| 55.0 [55.0, 55.0] | 10.0 [10.0, 10.0] | 5.0 [5.0, 5.0] |')
 
 
 def test_gaps_pair_inits_and_average_seeds():
@@ -411,6 +415,12 @@ def test_run_all_tasks_pretrain_first_and_split_the_long_experiments():
   with pytest.raises(ValueError, match=r"tune.experiments has \['features_l2'\]; the "
                                        r"experiments that select learning rates are"):
     run_all.run_all(cfg, '/nonexistent/out')
+  cfg.tune.experiments, cfg.tune.seeds = ('freeze_sweep',), 0
+  with pytest.raises(ValueError, match=r'tune.seeds=0: .* integer >= 1'):
+    run_all.run_all(cfg, '/nonexistent/out')  # before any directory or training
+  with pytest.raises(ValueError, match=r'tune.seeds=0'):
+    freeze_sweep.run(cfg, '/nonexistent/out')  # the experiment's own command, before pretraining
+  assert not os.path.exists('/nonexistent')
 
 
 def _arch_row(model, macs, train, infer):
